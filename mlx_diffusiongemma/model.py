@@ -1,0 +1,579 @@
+"""DiffusionGemma in MLX: one Gemma 4 MoE stack used as a causal encoder and a
+bidirectional canvas decoder, plus the self-conditioning block.
+
+Reading order: the config built from `config.json`, modules named after the checkpoint's
+tensors, then `Model` with `encode`, `denoise`, `make_cache`, `sanitize` and
+`quant_predicate`. Numerics follow transformers 5.23 `models/diffusion_gemma`.
+"""
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from .cache import FullCache, SlidingCache, cache_length
+from .errors import UserError
+from .vision import VisionEmbedder, VisionTower
+
+# Config fields the model needs have no defaults: a config that lacks one, or carries a
+# value this port cannot run, fails at load with the field's name.
+
+SUPPORTED_MODEL_TYPE = "diffusion_gemma"
+LAYER_TYPES = ("sliding_attention", "full_attention")
+REFERENCE_SOFTCAP = 30.0
+
+
+def _require(cfg: dict, key: str, kind: type, where: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise UserError(f"config.json: field '{where}{key}' is missing; re-download the model's config.json")
+    value = cfg[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise UserError(
+            f"config.json: field '{where}{key}' should be {kind.__name__}, found {value!r}; fix config.json"
+        )
+    return value
+
+
+def _positive(cfg: dict, key: str, where: str = "text_config.") -> int:
+    value = _require(cfg, key, int, where)
+    if value <= 0:
+        raise UserError(f"config.json: field '{where}{key}' must be positive, found {value}; fix config.json")
+    return value
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters of the DiffusionGemma text stack (plus the raw vision config)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    layer_types: list[str]
+    head_dims: list[int]
+    kv_heads: list[int]
+    sliding_window: int
+    num_experts: int
+    top_k_experts: int
+    rms_norm_eps: float
+    rope_parameters: dict[str, dict]
+    final_logit_softcapping: float
+    max_position_embeddings: int
+    canvas_length: int
+    pad_token_id: int
+    eos_token_ids: list[int]
+    vision_config: dict | None = None
+    generation_config: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict, generation_config: dict | None = None) -> "ModelArgs":
+        """Validate a `config.json` dict (released or `save_pretrained` layout)."""
+        if not isinstance(config, dict):
+            raise UserError("config.json: expected a JSON object at the top level; re-download config.json")
+        model_type = config.get("model_type")
+        if model_type != SUPPORTED_MODEL_TYPE:
+            raise UserError(
+                f"config.json: model_type is {model_type!r}, expected '{SUPPORTED_MODEL_TYPE}'; "
+                "this tool only runs DiffusionGemma checkpoints"
+            )
+        text = _require(config, "text_config", dict, "")
+        layer_types = _layer_types(text)
+        head_dims, kv_heads = _per_layer_shapes(text, layer_types)
+        _check_supported(text)
+        return cls(
+            vocab_size=_positive(text, "vocab_size"),
+            hidden_size=_positive(text, "hidden_size"),
+            intermediate_size=_positive(text, "intermediate_size"),
+            moe_intermediate_size=_positive(text, "moe_intermediate_size"),
+            num_hidden_layers=len(layer_types),
+            num_attention_heads=_positive(text, "num_attention_heads"),
+            layer_types=layer_types,
+            head_dims=head_dims,
+            kv_heads=kv_heads,
+            sliding_window=_positive(text, "sliding_window"),
+            num_experts=_positive(text, "num_experts"),
+            top_k_experts=_top_k(text),
+            rms_norm_eps=_require(text, "rms_norm_eps", float, "text_config."),
+            rope_parameters=_rope_parameters(text, layer_types),
+            final_logit_softcapping=_softcap(text),
+            max_position_embeddings=_positive(text, "max_position_embeddings"),
+            canvas_length=_positive(config, "canvas_length", ""),
+            pad_token_id=_require(text, "pad_token_id", int, "text_config."),
+            eos_token_ids=_eos_ids(config, text),
+            vision_config=config.get("vision_config"),
+            generation_config=dict(generation_config or {}),
+        )
+
+
+def _layer_types(text: dict) -> list[str]:
+    layer_types = _require(text, "layer_types", list, "text_config.")
+    n = _positive(text, "num_hidden_layers")
+    if len(layer_types) != n or any(t not in LAYER_TYPES for t in layer_types):
+        raise UserError(
+            f"config.json: 'text_config.layer_types' must list {n} entries (num_hidden_layers) of "
+            f"{LAYER_TYPES}, found {layer_types!r}; fix config.json"
+        )
+    return list(layer_types)
+
+
+def _per_layer_shapes(text: dict, layer_types: list[str]) -> tuple[list[int], list[int]]:
+    """Head dim and KV heads per layer: released configs name the full-attention values
+    `global_head_dim` / `num_global_key_value_heads`; `save_pretrained` writes `per_layer_config`."""
+    head_dim = _positive(text, "head_dim")
+    kv = _positive(text, "num_key_value_heads")
+    overrides = text.get("per_layer_config")
+    if overrides is None:
+        full = {"head_dim": _positive(text, "global_head_dim")}
+        if text.get("num_global_key_value_heads") is not None:
+            full["num_key_value_heads"] = _positive(text, "num_global_key_value_heads")
+        overrides = {str(i): full for i, t in enumerate(layer_types) if t == "full_attention"}
+    if not isinstance(overrides, dict):
+        raise UserError("config.json: 'text_config.per_layer_config' must be an object; fix config.json")
+    head_dims, kv_heads = [], []
+    for i in range(len(layer_types)):
+        layer = overrides.get(str(i), overrides.get(i, {})) or {}
+        head_dims.append(int(layer.get("head_dim", head_dim)))
+        kv_heads.append(int(layer.get("num_key_value_heads", kv)))
+    heads = _positive(text, "num_attention_heads")
+    for i, k in enumerate(kv_heads):
+        if k <= 0 or heads % k:
+            raise UserError(
+                f"config.json: layer {i} has {k} key/value heads, which must divide "
+                f"num_attention_heads={heads}; fix config.json"
+            )
+    return head_dims, kv_heads
+
+
+def _top_k(text: dict) -> int:
+    k = _positive(text, "top_k_experts")
+    if k > _positive(text, "num_experts"):
+        raise UserError(
+            f"config.json: 'text_config.top_k_experts'={k} exceeds num_experts; fix config.json"
+        )
+    return k
+
+
+def _rope_parameters(text: dict, layer_types: list[str]) -> dict[str, dict]:
+    rope = _require(text, "rope_parameters", dict, "text_config.")
+    for layer_type in set(layer_types):
+        params = rope.get(layer_type)
+        if not isinstance(params, dict) or "rope_theta" not in params:
+            raise UserError(
+                f"config.json: 'text_config.rope_parameters.{layer_type}.rope_theta' is missing; fix config.json"
+            )
+        if params.get("rope_type", "default") not in ("default", "proportional"):
+            raise UserError(
+                f"config.json: rope_type {params.get('rope_type')!r} for {layer_type} is not supported "
+                "(expected 'default' or 'proportional')"
+            )
+    return rope
+
+
+def _softcap(text: dict) -> float:
+    # transformers hard-codes 30.0 as a class constant, so `save_pretrained` omits it.
+    if text.get("final_logit_softcapping") is None:
+        return REFERENCE_SOFTCAP
+    return _require(text, "final_logit_softcapping", float, "text_config.")
+
+
+def _check_supported(text: dict) -> None:
+    if text.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UserError(
+            f"config.json: hidden_activation {text['hidden_activation']!r} is not supported "
+            "(DiffusionGemma uses 'gelu_pytorch_tanh')"
+        )
+    if text.get("attention_bias"):
+        raise UserError("config.json: attention_bias=true is not supported by DiffusionGemma checkpoints")
+    if text.get("use_bidirectional_attention") == "all":
+        raise UserError(
+            "config.json: use_bidirectional_attention='all' is not supported "
+            "(the DiffusionGemma encoder is causal: expected 'vision' or null)"
+        )
+
+
+def _eos_ids(config: dict, text: dict) -> list[int]:
+    eos = config.get("eos_token_id", text.get("eos_token_id"))
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_tanh_glu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up
+
+
+@mx.compile
+def softcap(logits: mx.array, cap: mx.array) -> mx.array:
+    # The reference softcaps in float32 whatever the model dtype.
+    logits = logits.astype(mx.float32)
+    return mx.tanh(logits / cap) * cap
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    # Gemma 4 multiplies by `weight` (not 1 + weight); the fast kernel accumulates in fp32.
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        H, D = args.hidden_size, args.head_dims[layer]
+        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.kv_heads[layer], D
+        self.is_sliding = args.layer_types[layer] == "sliding_attention"
+        self.window = args.sliding_window if self.is_sliding else None
+        self.eps = args.rms_norm_eps
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(H, self.n_kv * D, bias=False)
+        if self.is_sliding:
+            # Full-attention layers have no v_proj: their values are the raw keys.
+            self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+        self.q_norm = RMSNorm(D, self.eps)
+        self.k_norm = RMSNorm(D, self.eps)
+        rope = args.rope_parameters[args.layer_types[layer]]
+        self.rope = initialize_rope(D, rope["rope_theta"], False, rope)
+
+    def project(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries, keys and values (B, heads, L, D) for tokens starting at `offset`."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, self.n_kv, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv, self.head_dim) if self.is_sliding else k
+        # q/k norms come before RoPE; v_norm has no weight and sees the raw projection.
+        q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), offset=offset)
+        k = self.rope(self.k_norm(k).transpose(0, 2, 1, 3), offset=offset)
+        v = rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, q: mx.array, mask) -> mx.array:
+        B, L, _ = x.shape
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(gelu_tanh_glu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+        self.k = args.top_k_experts
+        self.eps = args.rms_norm_eps
+
+    def __call__(self, h: mx.array) -> tuple[mx.array, mx.array]:
+        """Top-k expert indices and their weights for the raw residual stream `h`."""
+        z = rms_norm(h, None, self.eps) * self.scale * (h.shape[-1] ** -0.5)
+        probs = mx.softmax(self.proj(z).astype(mx.float32), axis=-1)
+        idx = mx.argpartition(-probs, kth=self.k - 1, axis=-1)[..., : self.k]
+        top = mx.take_along_axis(probs, idx, axis=-1)
+        weights = top / top.sum(axis=-1, keepdims=True) * self.per_expert_scale[idx]
+        return idx, weights
+
+
+class Experts(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+        # Fused like the checkpoint: rows [0, I) are the gate, [I, 2I) the up projection.
+        self.gate_up_proj = SwitchLinear(H, 2 * I, E, bias=False)
+        self.down_proj = SwitchLinear(I, H, E, bias=False)
+
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        *lead, H = x.shape
+        k = idx.shape[-1]
+        flat_idx = idx.reshape(-1)
+        # Sorting token copies by expert turns the gather into contiguous per-expert GEMMs.
+        order = mx.argsort(flat_idx)
+        xs = x.reshape(-1, H)[order // k][:, None, :]
+        sorted_idx = flat_idx[order]
+        gate, up = mx.split(self.gate_up_proj(xs, sorted_idx, sorted_indices=True), 2, axis=-1)
+        y = self.down_proj(gelu_tanh_glu(gate, up), sorted_idx, sorted_indices=True)
+        y = y[mx.argsort(order)].reshape(*lead, k, H)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+class DecoderLayer(nn.Module):
+    """One Gemma 4 MoE layer; the encoder runs it with its own `layer_scalar`."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(H, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        for name in (
+            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+            "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+            "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2",
+        ):
+            setattr(self, name, RMSNorm(H, eps))
+        self.layer_scalar = mx.ones((1,))
+
+    def attend(self, x: mx.array, cache, decoding: bool) -> mx.array:
+        """Residual attention block. Encoding appends to `cache` under a causal (and, for
+        sliding layers, windowed) mask; decoding reads it and attends everywhere."""
+        L = x.shape[1]
+        h = self.input_layernorm(x)
+        offset = cache.offset
+        q, k, v = self.self_attn.project(h, offset)
+        mask = None
+        if decoding:
+            past_k, past_v = cache.fetch()
+            if past_k is not None:
+                k, v = mx.concatenate([past_k, k], axis=2), mx.concatenate([past_v, v], axis=2)
+        else:
+            k, v = cache.update_and_fetch(k, v)
+            T = k.shape[2]
+            mask = causal_mask(offset, L, offset + L - T, T, self.self_attn.window)
+        return x + self.post_attention_layernorm(self.self_attn(h, k, v, q, mask))
+
+    def feed_forward(self, h: mx.array, scalar: mx.array) -> mx.array:
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        # The router reads the raw residual, the experts its pre_feedforward_layernorm_2.
+        idx, weights = self.router(h)
+        moe = self.post_feedforward_layernorm_2(
+            self.experts(self.pre_feedforward_layernorm_2(h), idx, weights)
+        )
+        return (h + self.post_feedforward_layernorm(dense + moe)) * scalar
+
+
+class SelfConditioning(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H = args.hidden_size
+        self.pre_norm = RMSNorm(H, args.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, H, bias=False)
+        self.eps = args.rms_norm_eps
+
+    def __call__(self, embeds: mx.array, signal: mx.array | None) -> mx.array:
+        if signal is not None:
+            h = self.pre_norm(signal)
+            embeds = embeds + self.down_proj(gelu_tanh_glu(self.gate_proj(h), self.up_proj(h)))
+        # With no signal the MLP contributes exactly zero, so only the weightless norm remains.
+        return rms_norm(embeds, None, self.eps)
+
+
+def embedding_matmul(embed: nn.Module, probs: mx.array) -> mx.array:
+    """probs (..., V) @ E (V, H) for a plain or quantized embedding table."""
+    if isinstance(embed, nn.QuantizedEmbedding):
+        return mx.quantized_matmul(
+            probs, embed.weight, embed.scales, embed.biases, transpose=False,
+            group_size=embed.group_size, bits=embed.bits, mode=embed.mode,
+        )
+    return probs @ embed.weight
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+        self.embed_scale = math.sqrt(args.hidden_size)
+
+    def embed(self, ids: mx.array) -> mx.array:
+        h = self.embed_tokens(ids)
+        # The reference casts sqrt(hidden) to the weight dtype first (53.0 in bf16, not 53.07).
+        return h * mx.array(self.embed_scale, dtype=h.dtype)
+
+    def soft_embed(self, logits: mx.array, dtype: mx.Dtype) -> mx.array:
+        # The reference rounds the logits to the embedding dtype before its fp32 softmax.
+        probs = mx.softmax(logits.astype(dtype).astype(mx.float32), axis=-1).astype(dtype)
+        return embedding_matmul(self.embed_tokens, probs) * mx.array(self.embed_scale, dtype=dtype)
+
+
+class EncoderLayerScalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class EncoderLanguageModel(nn.Module):
+    """The encoder's only own text weights: one scalar per layer."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = [EncoderLayerScalar() for _ in range(args.num_hidden_layers)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: ModelArgs, with_vision: bool):
+        super().__init__()
+        self.language_model = EncoderLanguageModel(args)
+        if with_vision:
+            self.vision_tower = VisionTower(args.vision_config)
+            self.embed_vision = VisionEmbedder(args.vision_config, args.hidden_size)
+
+
+class DiffusionGemmaModel(nn.Module):
+    def __init__(self, args: ModelArgs, with_vision: bool):
+        super().__init__()
+        self.encoder = Encoder(args, with_vision)
+        self.decoder = Decoder(args)
+
+
+def causal_mask(q_start: int, L: int, k_start: int, T: int, window: int | None) -> mx.array:
+    """Boolean (L, T) mask: query at q_start+i sees key k_start+j when it is not in the
+    future and, for sliding layers, lies within the last `window` positions."""
+    q = mx.arange(q_start, q_start + L)[:, None]
+    k = mx.arange(k_start, k_start + T)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask
+
+
+class Model(nn.Module):
+    """DiffusionGemma for block diffusion (text)."""
+
+    def __init__(self, args: ModelArgs, text_only: bool = False):
+        super().__init__()
+        self.args = args
+        self.model = DiffusionGemmaModel(args, with_vision=args.vision_config is not None and not text_only)
+        self.prefill_step_size = 512
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.decoder.layers
+
+    def make_cache(self, keep: int | None = None) -> list:
+        """One cache per layer; sliding layers store `keep` positions (at least window - 1)."""
+        return [
+            SlidingCache(self.args.sliding_window, keep) if t == "sliding_attention" else FullCache()
+            for t in self.args.layer_types
+        ]
+
+    def encode(self, input_ids: mx.array, cache: list) -> None:
+        """Run the causal encoder over `input_ids` (B, L), appending to `cache` in chunks."""
+        for start in range(0, input_ids.shape[1], self.prefill_step_size):
+            self._encode_chunk(input_ids[:, start : start + self.prefill_step_size], cache)
+
+    def _encode_chunk(self, input_ids: mx.array, cache: list) -> None:
+        decoder = self.model.decoder
+        x = decoder.embed(input_ids)
+        scalars = self.model.encoder.language_model.layers
+        last = len(self.layers) - 1
+        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+            x = layer.attend(x, c, decoding=False)
+            # Only the caches matter: the last layer's feed-forward output is never read.
+            if i < last:
+                x = layer.feed_forward(x, scalars[i].layer_scalar)
+        mx.eval([c.state for c in cache])
+
+    def denoise(
+        self, canvas_ids: mx.array, cache: list, self_conditioning_logits: mx.array | None = None
+    ) -> mx.array:
+        """Float32 softcapped logits (B, canvas, vocab) for a canvas after the cached prefix.
+
+        `self_conditioning_logits` are the previous step's temperature-scaled logits (cast
+        to the embedding dtype), or None on a canvas's first step. The cache is not changed.
+        """
+        decoder = self.model.decoder
+        x = decoder.embed(canvas_ids)
+        signal = None
+        if self_conditioning_logits is not None:
+            signal = decoder.soft_embed(self_conditioning_logits, x.dtype)
+        x = decoder.self_conditioning(x, signal)
+        for layer, c in zip(self.layers, cache):
+            x = layer.feed_forward(layer.attend(x, c, decoding=True), layer.layer_scalar)
+        x = decoder.norm(x)
+        return softcap(decoder.embed_tokens.as_linear(x), mx.array(self.args.final_logit_softcapping))
+
+    def sanitize(self, weights: dict) -> dict:
+        """Map checkpoint tensor names (HF release, `save_pretrained`, mlx-vlm) to this model's.
+
+        Pure renaming and dropping: values pass through untouched, so it also maps header
+        metadata. Tied copies (lm_head, encoder text weights) and RoPE buffers are dropped.
+        """
+        with_vision = "vision_tower" in self.model.encoder
+        out = {}
+        for name, value in weights.items():
+            if _is_tied_or_buffer(name):
+                continue
+            if not with_vision and name.startswith(VISION_PREFIXES):
+                continue
+            if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                name += ".weight"
+            out[name] = value
+        return out
+
+    def explain_shape(self, name: str) -> str:
+        """The config.json fields that set a tensor's shape (for error messages)."""
+        for key, fields in SHAPE_FIELDS:
+            if key in name:
+                return f"set by config.json {fields}"
+        return "set by config.json text_config.hidden_size"
+
+    @property
+    def quant_predicate(self):
+        """Default mixed recipe: routed experts at the requested bits; attention, dense MLP,
+        router, self-conditioning and the tied embedding/head at 8-bit, group 64; norms,
+        scalars and the vision tower stay unquantized."""
+
+        def predicate(path: str, module: nn.Module):
+            if not hasattr(module, "to_quantized") or path.startswith(VISION_PREFIXES):
+                return False
+            if ".experts." in path:
+                return True
+            return {"group_size": 64, "bits": 8}
+
+        return predicate
+
+
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+SHAPE_FIELDS = (
+    ("vision", "vision_config (hidden_size, intermediate_size, head_dim, patch_size, ...)"),
+    ("embed_tokens", "text_config.vocab_size x hidden_size"),
+    ("experts.gate_up_proj", "text_config.num_experts x 2*moe_intermediate_size x hidden_size"),
+    ("experts.down_proj", "text_config.num_experts x hidden_size x moe_intermediate_size"),
+    ("router.proj", "text_config.num_experts x hidden_size"),
+    ("per_expert_scale", "text_config.num_experts"),
+    ("self_attn.q_norm", "text_config.head_dim (global_head_dim on full-attention layers)"),
+    ("self_attn.k_norm", "text_config.head_dim (global_head_dim on full-attention layers)"),
+    ("q_proj", "text_config.num_attention_heads x head_dim (global_head_dim on full layers) x hidden_size"),
+    ("o_proj", "text_config.hidden_size x num_attention_heads*head_dim (global_head_dim on full layers)"),
+    ("_proj", "text_config.num_key_value_heads x head_dim (num_global_key_value_heads x global_head_dim "
+              "on full layers), or intermediate_size x hidden_size for MLPs"),
+)
+
+
+def _is_tied_or_buffer(name: str) -> bool:
+    if name == "lm_head.weight" or "rotary_emb" in name:
+        return True
+    encoder_text = name.startswith("model.encoder.language_model.")
+    return encoder_text and not name.endswith(".layer_scalar")

@@ -1,0 +1,73 @@
+"""The entropy-bounded denoising sampler as pure functions of logits and keys.
+
+Matches transformers' `EntropyBoundSampler`, `LinearTemperatureScheduleLogitsProcessor` and
+`StableAndConfidentStoppingCriteria`: `cur_step` counts down from `max_steps` to 1, every
+position is resampled each step, and nothing is frozen between steps.
+"""
+
+import mlx.core as mx
+
+
+def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> float:
+    """Linear schedule: t_max at the first step (cur_step == max_steps), falling toward t_min."""
+    return t_min + (t_max - t_min) * cur_step / max_steps
+
+
+@mx.compile
+def entropy(logits: mx.array) -> mx.array:
+    """Entropy in nats of softmax(logits) over the last axis, in float32."""
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return -(mx.exp(logp) * logp).sum(axis=-1)
+
+
+@mx.compile
+def accept_mask(token_entropy: mx.array, bound: mx.array) -> mx.array:
+    """Accept positions in ascending entropy while the entropy strictly below each one sums
+    to at most `bound` (the lowest-entropy position is always accepted)."""
+    order = mx.argsort(token_entropy, axis=-1)
+    sorted_h = mx.take_along_axis(token_entropy, order, axis=-1)
+    accepted_sorted = (mx.cumsum(sorted_h, axis=-1) - sorted_h) <= bound
+    inverse = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(accepted_sorted, inverse, axis=-1)
+
+
+def renoise(canvas: mx.array, accepted: mx.array, vocab_size: int, key: mx.array) -> mx.array:
+    """Keep accepted positions; every other position gets a fresh uniform random token."""
+    noise = mx.random.randint(0, vocab_size, canvas.shape, dtype=canvas.dtype, key=key)
+    return mx.where(accepted, canvas, noise)
+
+
+@mx.compile
+def sampler_step(logits: mx.array, inv_t: mx.array, bound: mx.array, keys: mx.array):
+    """One step on raw logits (B, L, V): returns the temperature-scaled logits, the argmax
+    canvas, the next canvas (accepted samples, fresh noise elsewhere), the accepted mask
+    and the per-position entropy of the scaled distribution."""
+    scaled = logits * inv_t
+    sampled = mx.random.categorical(scaled, key=keys[0]).astype(mx.int32)
+    token_entropy = entropy(scaled)
+    accepted = accept_mask(token_entropy, bound)
+    next_canvas = renoise(sampled, accepted, logits.shape[-1], keys[1])
+    return scaled, mx.argmax(scaled, axis=-1).astype(mx.int32), next_canvas, accepted, token_entropy
+
+
+def is_confident(token_entropy: mx.array, threshold: float) -> bool:
+    """Mean entropy over the canvas below `threshold` (batch 1)."""
+    return token_entropy.mean().item() < threshold
+
+
+def is_stable(argmax: mx.array, history: list[mx.array], stability_threshold: int) -> bool:
+    """The argmax canvas equals each of the last `stability_threshold` argmax canvases."""
+    if stability_threshold == 0:
+        return True
+    if len(history) < stability_threshold:
+        return False
+    return all(mx.array_equal(argmax, h).item() for h in history[-stability_threshold:])
+
+
+def pad_after_eos(tokens: list[int], eos_ids: set[int], pad_id: int) -> tuple[list[int], bool]:
+    """Replace every token after the first EOS by `pad_id`; report whether an EOS was found."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1] + [pad_id] * (len(tokens) - i - 1), True
+    return list(tokens), False

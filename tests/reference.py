@@ -1,0 +1,82 @@
+"""Tiny random DiffusionGemma checkpoints written by the transformers reference itself."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+TINY_TEXT = dict(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    sliding_window=16,
+    num_experts=8,
+    top_k_experts=2,
+    max_position_embeddings=4096,
+    use_bidirectional_attention="vision",
+)
+TINY_VISION = dict(
+    model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+)
+
+
+def tiny_config(canvas_length: int = 8, vision: bool = True, **text) -> DiffusionGemmaConfig:
+    """A small config with every architectural feature of the released model."""
+    return DiffusionGemmaConfig(
+        text_config={**TINY_TEXT, **text},
+        vision_config=TINY_VISION if vision else None,
+        canvas_length=canvas_length,
+    )
+
+
+def randomize(model: DiffusionGemmaForBlockDiffusion, seed: int, scale: float = 1.0) -> None:
+    """Give every weight, norm and scalar a distinct random value.
+
+    Norm weights away from 1 catch `w` vs `1 + w`; encoder and decoder layer scalars
+    differ; a larger embedding scale makes logits decisive so low-temperature sampling is
+    the argmax on both sides.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vision" in name:
+                continue
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Attention has scale 1.0: modest q/k norms keep scores well conditioned, so
+                # float32 rounding stays far below the parity tolerance.
+                p.copy_(0.3 + 0.3 * torch.rand(p.shape, generator=g))
+            elif name.endswith(("norm.weight", ".scale")) or "layernorm" in name:
+                p.copy_(1.0 + 0.5 * torch.rand(p.shape, generator=g))
+            elif "per_expert_scale" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.6 + 0.8 * torch.rand(b.shape, generator=g))
+
+
+def make_reference(path: Path, seed: int = 0, canvas_length: int = 8, embed_scale: float = 1.0,
+                   vision: bool = True, shard: str = "40KB", **text) -> DiffusionGemmaForBlockDiffusion:
+    """Build, randomize and `save_pretrained` a float32 reference model into `path`."""
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(tiny_config(canvas_length, vision, **text)).eval()
+    randomize(model, seed, embed_scale)
+    model.save_pretrained(path, max_shard_size=shard)
+    return model
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().numpy()
