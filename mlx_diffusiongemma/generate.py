@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .cache import cache_length
 from .errors import UserError
-from .sample import is_stable, pad_after_eos, sampler_step
+from .sample import is_stable, pad_after_eos, sampler_step, temperature
 
 REFERENCE_DEFAULTS = dict(
     max_tokens=256, max_denoising_steps=48, t_min=0.4, t_max=0.8, entropy_bound=0.1,
@@ -172,13 +172,12 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
     else:
         canvas = mx.random.randint(0, args.vocab_size, (1, args.canvas_length), dtype=mx.int32, key=noise_key)
     bound = mx.array(s.entropy_bound, dtype=mx.float32)
-    scaled, history = None, []
+    scaled, probs, history = None, None, []
     for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
         key, step_key = mx.random.split(key)
-        logits = model.denoise(canvas, cache, scaled)
-        t = s.t_min + (s.t_max - s.t_min) * cur_step / s.max_denoising_steps
-        inv_t = mx.array(1.0 / t, dtype=mx.float32)
-        scaled, argmax, canvas, accepted, entropy = sampler_step(logits, inv_t, bound, mx.random.split(step_key))
+        logits = model.denoise(canvas, cache, scaled, self_conditioning_probs=probs)
+        inv_t = mx.array(1.0 / temperature(cur_step, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)
+        scaled, probs, argmax, canvas, accepted, entropy = sampler_step(logits, inv_t, bound, mx.random.split(step_key))
         mean_entropy = entropy.mean()
         mx.eval(argmax, canvas, mean_entropy, accepted)
         stop = mean_entropy.item() < s.confidence_threshold and is_stable(argmax, history, s.stability_threshold)

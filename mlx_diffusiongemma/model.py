@@ -309,18 +309,45 @@ class Experts(nn.Module):
         self.gate_up_proj = SwitchLinear(H, 2 * I, E, bias=False)
         self.down_proj = SwitchLinear(I, H, E, bias=False)
 
-    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array, grouped: bool = False) -> mx.array:
+        """Weighted sum of each token's top-k experts. `grouped` runs one GEMM per expert
+        hit (needs the routing on the host); otherwise a single sorted `gather_mm`."""
         *lead, H = x.shape
         k = idx.shape[-1]
         flat_idx = idx.reshape(-1)
-        # Sorting token copies by expert turns the gather into contiguous per-expert GEMMs.
+        # Sorting token copies by expert makes each expert's rows contiguous.
         order = mx.argsort(flat_idx)
-        xs = x.reshape(-1, H)[order // k][:, None, :]
+        xs = x.reshape(-1, H)[order // k]
         sorted_idx = flat_idx[order]
-        gate, up = mx.split(self.gate_up_proj(xs, sorted_idx, sorted_indices=True), 2, axis=-1)
-        y = self.down_proj(gelu_tanh_glu(gate, up), sorted_idx, sorted_indices=True)
+        y = self._grouped(xs, sorted_idx) if grouped else self._gathered(xs, sorted_idx)
         y = y[mx.argsort(order)].reshape(*lead, k, H)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+    def _gathered(self, xs: mx.array, sorted_idx: mx.array) -> mx.array:
+        h = self.gate_up_proj(xs[:, None], sorted_idx, sorted_indices=True)
+        gate, up = mx.split(h, 2, axis=-1)
+        return self.down_proj(gelu_tanh_glu(gate, up), sorted_idx, sorted_indices=True)[:, 0]
+
+    def _grouped(self, xs: mx.array, sorted_idx: mx.array) -> mx.array:
+        # On CPU, gather_mm runs row by row; per-expert slices reach the BLAS GEMM.
+        E = self.gate_up_proj.num_experts
+        edges = mx.searchsorted(sorted_idx, mx.arange(E + 1, dtype=sorted_idx.dtype)).tolist()
+        outs = []
+        for e, (start, end) in enumerate(zip(edges[:-1], edges[1:])):
+            if end > start:
+                gate, up = mx.split(expert_linear(self.gate_up_proj, e, xs[start:end]), 2, axis=-1)
+                outs.append(expert_linear(self.down_proj, e, gelu_tanh_glu(gate, up)))
+        return mx.concatenate(outs, axis=0)
+
+
+def expert_linear(layer: nn.Module, e: int, x: mx.array) -> mx.array:
+    """x @ W[e].T for one expert of a plain or quantized SwitchLinear."""
+    if "scales" in layer:
+        return mx.quantized_matmul(
+            x, layer["weight"][e], layer["scales"][e], layer["biases"][e] if "biases" in layer else None,
+            transpose=True, group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+        )
+    return x @ layer["weight"][e].T
 
 
 class DecoderLayer(nn.Module):
@@ -359,12 +386,12 @@ class DecoderLayer(nn.Module):
             mask = causal_mask(offset, L, offset + L - T, T, self.self_attn.window)
         return x + self.post_attention_layernorm(self.self_attn(h, k, v, q, mask))
 
-    def feed_forward(self, h: mx.array, scalar: mx.array) -> mx.array:
+    def feed_forward(self, h: mx.array, scalar: mx.array, grouped: bool = False) -> mx.array:
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         # The router reads the raw residual, the experts its pre_feedforward_layernorm_2.
         idx, weights = self.router(h)
         moe = self.post_feedforward_layernorm_2(
-            self.experts(self.pre_feedforward_layernorm_2(h), idx, weights)
+            self.experts(self.pre_feedforward_layernorm_2(h), idx, weights, grouped)
         )
         return (h + self.post_feedforward_layernorm(dense + moe)) * scalar
 
@@ -411,9 +438,11 @@ class Decoder(nn.Module):
         # The reference casts sqrt(hidden) to the weight dtype first (53.0 in bf16, not 53.07).
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
-    def soft_embed(self, logits: mx.array, dtype: mx.Dtype) -> mx.array:
-        # The reference rounds the logits to the embedding dtype before its fp32 softmax.
-        probs = mx.softmax(logits.astype(dtype).astype(mx.float32), axis=-1).astype(dtype)
+    def soft_embed(self, logits: mx.array, dtype: mx.Dtype, probs: mx.array | None) -> mx.array:
+        if probs is None or dtype != mx.float32:
+            # The reference rounds the logits to the embedding dtype before its fp32 softmax.
+            probs = mx.softmax(logits.astype(dtype).astype(mx.float32), axis=-1)
+        probs = probs.astype(dtype)
         return embedding_matmul(self.embed_tokens, probs) * mx.array(self.embed_scale, dtype=dtype)
 
 
@@ -466,6 +495,9 @@ class Model(nn.Module):
         self.args = args
         self.model = DiffusionGemmaModel(args, with_vision=args.vision_config is not None and not text_only)
         self.prefill_step_size = 512
+        # Per-expert GEMMs beat gather_mm on the CPU backend; on a GPU gather_mm wins and
+        # needs no host synchronisation.
+        self.moe_grouped = mx.default_device().type == mx.DeviceType.cpu
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -492,25 +524,30 @@ class Model(nn.Module):
             x = layer.attend(x, c, decoding=False)
             # Only the caches matter: the last layer's feed-forward output is never read.
             if i < last:
-                x = layer.feed_forward(x, scalars[i].layer_scalar)
+                x = layer.feed_forward(x, scalars[i].layer_scalar, self.moe_grouped)
         mx.eval([c.state for c in cache])
 
     def denoise(
-        self, canvas_ids: mx.array, cache: list, self_conditioning_logits: mx.array | None = None
+        self,
+        canvas_ids: mx.array,
+        cache: list,
+        self_conditioning_logits: mx.array | None = None,
+        self_conditioning_probs: mx.array | None = None,
     ) -> mx.array:
         """Float32 softcapped logits (B, canvas, vocab) for a canvas after the cached prefix.
 
-        `self_conditioning_logits` are the previous step's temperature-scaled logits (cast
-        to the embedding dtype), or None on a canvas's first step. The cache is not changed.
+        `self_conditioning_logits` are the previous step's temperature-scaled logits, or None
+        on a canvas's first step. A float32 model may be handed their softmax as
+        `self_conditioning_probs` to skip recomputing it. The cache is not changed.
         """
         decoder = self.model.decoder
         x = decoder.embed(canvas_ids)
         signal = None
         if self_conditioning_logits is not None:
-            signal = decoder.soft_embed(self_conditioning_logits, x.dtype)
+            signal = decoder.soft_embed(self_conditioning_logits, x.dtype, self_conditioning_probs)
         x = decoder.self_conditioning(x, signal)
         for layer, c in zip(self.layers, cache):
-            x = layer.feed_forward(layer.attend(x, c, decoding=True), layer.layer_scalar)
+            x = layer.feed_forward(layer.attend(x, c, decoding=True), layer.layer_scalar, self.moe_grouped)
         x = decoder.norm(x)
         return softcap(decoder.embed_tokens.as_linear(x), mx.array(self.args.final_logit_softcapping))
 

@@ -14,14 +14,6 @@ def temperature(cur_step: int, max_steps: int, t_min: float, t_max: float) -> fl
 
 
 @mx.compile
-def entropy(logits: mx.array) -> mx.array:
-    """Entropy in nats of softmax(logits) over the last axis, in float32."""
-    logits = logits.astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return -(mx.exp(logp) * logp).sum(axis=-1)
-
-
-@mx.compile
 def accept_mask(token_entropy: mx.array, bound: mx.array) -> mx.array:
     """Accept positions in ascending entropy while the entropy strictly below each one sums
     to at most `bound` (the lowest-entropy position is always accepted)."""
@@ -39,16 +31,36 @@ def renoise(canvas: mx.array, accepted: mx.array, vocab_size: int, key: mx.array
 
 
 @mx.compile
+def softmax_entropy(scaled: mx.array) -> tuple[mx.array, mx.array]:
+    """softmax(scaled) and its entropy in nats, from a single exp pass over the vocabulary
+    (H = logsumexp(z) - sum(p * z)); exp is the costly op on CPU."""
+    m = scaled.max(axis=-1, keepdims=True)
+    e = mx.exp(scaled - m)
+    total = e.sum(axis=-1, keepdims=True)
+    probs = e / total
+    token_entropy = (m + mx.log(total)).squeeze(-1) - (probs * scaled).sum(axis=-1)
+    return probs, mx.maximum(token_entropy, 0.0)
+
+
+def sample_categorical(probs: mx.array, key: mx.array) -> mx.array:
+    """One draw per position from `probs` by inverting its CDF with one uniform number."""
+    cdf = mx.cumsum(probs, axis=-1)
+    u = mx.random.uniform(shape=(*probs.shape[:-1], 1), key=key) * cdf[..., -1:]
+    return mx.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1).astype(mx.int32)
+
+
+@mx.compile
 def sampler_step(logits: mx.array, inv_t: mx.array, bound: mx.array, keys: mx.array):
-    """One step on raw logits (B, L, V): returns the temperature-scaled logits, the argmax
-    canvas, the next canvas (accepted samples, fresh noise elsewhere), the accepted mask
-    and the per-position entropy of the scaled distribution."""
+    """One step on raw logits (B, L, V): the temperature-scaled logits and their softmax,
+    the argmax canvas, the next canvas (accepted samples, fresh noise elsewhere), the
+    accepted mask and the per-position entropy of the scaled distribution."""
     scaled = logits * inv_t
-    sampled = mx.random.categorical(scaled, key=keys[0]).astype(mx.int32)
-    token_entropy = entropy(scaled)
+    probs, token_entropy = softmax_entropy(scaled)
+    sampled = sample_categorical(probs, keys[0])
     accepted = accept_mask(token_entropy, bound)
     next_canvas = renoise(sampled, accepted, logits.shape[-1], keys[1])
-    return scaled, mx.argmax(scaled, axis=-1).astype(mx.int32), next_canvas, accepted, token_entropy
+    argmax = mx.argmax(scaled, axis=-1).astype(mx.int32)
+    return scaled, probs, argmax, next_canvas, accepted, token_entropy
 
 
 def is_confident(token_entropy: mx.array, threshold: float) -> bool:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_diffusiongemma.sample import (
-    accept_mask, entropy, is_stable, pad_after_eos, sampler_step, temperature,
+    accept_mask, is_stable, pad_after_eos, sample_categorical, sampler_step, softmax_entropy, temperature,
 )
 
 
@@ -23,7 +23,9 @@ def binary_entropy(p: float) -> float:
 def test_entropy_matches_closed_form():
     logits = mx.array([two_way_logits(0.5), two_way_logits(0.9), [0.0] * 4])
     expected = [math.log(2), binary_entropy(0.9), math.log(4)]
-    assert np.allclose(np.array(entropy(logits)), expected, atol=1e-6)
+    probs, h = softmax_entropy(logits)
+    assert np.allclose(np.array(h), expected, atol=1e-6)
+    assert np.allclose(np.array(probs)[1, :2], [0.9, 0.1], atol=1e-6)
 
 
 def test_accepts_lowest_entropy_positions_while_sum_below_stays_within_bound():
@@ -66,7 +68,7 @@ def test_sampler_step_keeps_confident_positions_and_renoises_the_rest():
     confident = [0.0, 40.0, 0.0, 0.0] + [0.0] * 60
     wide, narrow = [0.0] * 64, [0.0] * 32 + [-1e9] * 32
     logits = [[confident, wide, confident, narrow]]
-    scaled, argmax, canvas, accepted, h = step(logits, seed=3)
+    scaled, probs, argmax, canvas, accepted, h = step(logits, seed=3)
     # The narrow position is accepted (only ~0 entropy lies below it); the wide one is not.
     assert np.array(accepted).tolist() == [[True, False, True, True]]
     assert np.array(canvas)[0, [0, 2]].tolist() == [1, 1]
@@ -77,15 +79,21 @@ def test_sampler_step_keeps_confident_positions_and_renoises_the_rest():
 
 def test_temperature_scales_logits_before_entropy():
     logits = [[two_way_logits(0.7, 8)]]
-    _, _, _, _, h_hot = step(logits, 0, inv_t=1.0)
-    _, _, _, _, h_cold = step(logits, 0, inv_t=4.0)
+    h_hot = step(logits, 0, inv_t=1.0)[-1]
+    h_cold = step(logits, 0, inv_t=4.0)[-1]
     assert float(h_cold[0, 0]) < float(h_hot[0, 0])
     assert float(h_hot[0, 0]) == pytest.approx(binary_entropy(0.7), abs=1e-5)
 
 
 def test_same_seed_same_samples_different_seed_differs():
     logits = [[[0.0] * 1000] * 32]
-    a = np.array(step(logits, seed=1)[2])
-    b = np.array(step(logits, seed=1)[2])
-    c = np.array(step(logits, seed=2)[2])
+    a = np.array(step(logits, seed=1)[3])
+    b = np.array(step(logits, seed=1)[3])
+    c = np.array(step(logits, seed=2)[3])
     assert (a == b).all() and (a != c).any()
+
+
+def test_categorical_draws_follow_the_distribution():
+    probs = mx.broadcast_to(mx.array([0.1, 0.0, 0.6, 0.3]), (20000, 4))
+    draws = np.array(sample_categorical(probs, mx.random.key(0)))
+    assert np.allclose(np.bincount(draws, minlength=4) / 20000, [0.1, 0.0, 0.6, 0.3], atol=0.015)
