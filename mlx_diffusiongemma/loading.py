@@ -1,13 +1,16 @@
 """Loading models and tokenizers from disk (or the Hugging Face Hub)."""
 
 import json
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import check_tensors, list_checkpoint, resolve_model_path
+from .checkpoint import (
+    check_tensors, checkpoint_bytes, estimate_memory_warning, list_checkpoint, resolve_model_path,
+)
 from .errors import UserError
 from .model import Model, ModelArgs
 
@@ -40,7 +43,7 @@ def apply_quantization(model: Model, quantization: dict, stored: set[str]) -> No
     Per-layer entries of the `quantization` block (mlx-lm / mlx-vlm layout) win; other
     layers are quantized with the block's defaults exactly when the checkpoint has scales.
     """
-    default = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+    default = _quantization_defaults(quantization)
 
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
@@ -49,10 +52,40 @@ def apply_quantization(model: Model, quantization: dict, stored: set[str]) -> No
             return quantization[path]
         return default if f"{path}.scales" in stored else False
 
-    nn.quantize(model, class_predicate=predicate, **{k: v for k, v in default.items() if k != "mode"})
+    try:
+        nn.quantize(model, class_predicate=predicate, **default)
+    except (ValueError, TypeError) as e:
+        raise UserError(
+            f"config.json: the \"quantization\" block does not fit this model ({e}); "
+            "use the config.json that came with these weights"
+        ) from None
+
+
+def _quantization_defaults(quantization: dict) -> dict:
+    if not isinstance(quantization, dict):
+        raise UserError("config.json: \"quantization\" must be an object; use the config.json that came with the weights")
+    default = {"group_size": quantization.get("group_size"), "bits": quantization.get("bits"),
+               "mode": quantization.get("mode", "affine")}
+    for key in ("group_size", "bits"):
+        if type(default[key]) is not int or default[key] <= 0:
+            raise UserError(
+                f"config.json: quantization.{key} is {default[key]!r}, expected a positive integer; "
+                "use the config.json that came with these weights"
+            )
+    return default
+
+
+def _refuse_foreign_quantization(config: dict) -> None:
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method and not config.get("quantization"):
+        raise UserError(
+            f"config.json: checkpoints quantized with quant_method {method!r} are not supported; "
+            "use the bf16 release (google/diffusiongemma-26B-A4B-it) or an MLX conversion"
+        )
 
 
 def expected_shapes(model: Model) -> dict[str, tuple[int, ...]]:
+    """Every parameter of `model` with its shape (what a checkpoint must provide)."""
     return {name: tuple(a.shape) for name, a in tree_flatten(model.parameters())}
 
 
@@ -60,25 +93,40 @@ def load_model(path, text_only: bool = False, lazy: bool = False) -> Model:
     """Load a DiffusionGemma model from a directory or Hub id.
 
     Accepts the released Hugging Face layout (bf16/f16/f32 safetensors), directories written
-    by `mlx_diffusiongemma.convert`, and mlx-vlm conversions. `text_only` leaves the vision
-    tower out of memory. With `lazy`, weights are read when first used.
+    by `mlx_diffusiongemma.convert`, and mlx-vlm conversions. Every header is checked
+    (names, shapes, dtypes) before any weight is read. `text_only` leaves the vision tower
+    out: its tensors are never read. With `lazy`, weights are read when first used. Emits
+    a `ResourceWarning` when the weights need more than ~90% of this machine's memory.
     """
     model_dir = resolve_model_path(path, MODEL_PATTERNS)
     config = read_json(model_dir / "config.json")
     args = ModelArgs.from_config(config, read_json(model_dir / "generation_config.json", required=False))
+    _refuse_foreign_quantization(config)
     model = Model(args, text_only=text_only)
     infos = model.sanitize(list_checkpoint(model_dir))
     quantization = config.get("quantization")
     if quantization:
         apply_quantization(model, quantization, set(infos))
     check_tensors(infos, expected_shapes(model), quantized=bool(quantization), explain=model.explain_shape)
-    weights = {}
-    for file in sorted({info.file for info in infos.values()}):
-        weights.update(model.sanitize(mx.load(str(file))))
-    model.load_weights(list(weights.items()), strict=True)
+    warning = estimate_memory_warning(checkpoint_bytes(infos))
+    if warning:
+        warnings.warn(warning, ResourceWarning, stacklevel=2)
+    model.load_weights(list(_read_weights(model, infos).items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())
     return model
+
+
+def _read_weights(model: Model, infos: dict) -> dict[str, mx.array]:
+    """Lazy arrays of the needed tensors; shards holding none of them are never opened."""
+    weights = {}
+    for file in sorted({info.file for info in infos.values()}):
+        try:
+            arrays = mx.load(str(file))
+        except RuntimeError as e:
+            raise UserError(f"cannot read {file} ({e}); re-download it") from None
+        weights.update((k, v) for k, v in model.sanitize(arrays).items() if k in infos)
+    return weights
 
 
 def load(path, text_only: bool = True, lazy: bool = False):

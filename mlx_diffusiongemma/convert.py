@@ -1,0 +1,404 @@
+"""Convert a Hugging Face DiffusionGemma checkpoint to an MLX model directory.
+
+Every input header is validated against the model built from `config.json` before anything
+is written. Tensors are then streamed: one input shard is opened at a time (its arrays are
+lazy), each tensor is cast and quantized on its own and written straight into an output
+shard whose header was planned up front, so memory holds about one tensor, not the model.
+Output goes to a temporary directory that is renamed into place once complete, with
+`config.json` (carrying the mlx-lm / mlx-vlm `quantization` block) written last.
+"""
+
+import contextlib
+import itertools
+import json
+import math
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .checkpoint import INDEX_NAME, TensorInfo, atomic_output_dir, check_tensors, list_checkpoint, resolve_model_path
+from .errors import UserError
+from .loading import expected_shapes, read_json
+from .model import Model, ModelArgs
+
+RECIPES = ("mixed", "8bit")
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
+COPIED_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.json",
+    "processor_config.json", "preprocessor_config.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SAFETENSORS_DTYPE = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4}
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the converted model as its output header describes it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one input tensor becomes one (float) or three (quantized) output tensors."""
+
+    name: str
+    source: TensorInfo
+    dtype: mx.Dtype
+    quant: dict | None
+
+    @property
+    def outputs(self) -> list[OutputTensor]:
+        dtype = SAFETENSORS_DTYPE[self.dtype]
+        if self.quant is None:
+            return [OutputTensor(self.name, dtype, self.source.shape)]
+        *lead, I = self.source.shape
+        bits, group = self.quant["bits"], self.quant["group_size"]
+        base = self.name.removesuffix(".weight")
+        return [
+            OutputTensor(self.name, "U32", (*lead, I * bits // 32)),
+            OutputTensor(f"{base}.scales", dtype, (*lead, I // group)),
+            OutputTensor(f"{base}.biases", dtype, (*lead, I // group)),
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A validated input checkpoint: its directory, raw config, model skeleton and tensors
+    (already in the model's naming)."""
+
+    path: Path
+    config: dict
+    model: Model
+    infos: dict[str, TensorInfo]
+
+
+def open_source(hf_path, text_only: bool = False) -> Source:
+    """Find a checkpoint (directory or Hub id) and validate its config and every header.
+
+    The model is built from `config.json` without materializing weights (MLX arrays are
+    lazy), so this costs seconds and no memory even for the full-size model.
+    """
+    path = resolve_model_path(hf_path, SOURCE_PATTERNS)
+    config = read_json(path / "config.json")
+    _refuse_quantized(path, config)
+    args = ModelArgs.from_config(config, read_json(path / "generation_config.json", required=False))
+    model = Model(args, text_only=text_only)
+    infos = model.sanitize(list_checkpoint(path))
+    check_tensors(infos, expected_shapes(model), explain=model.explain_shape)
+    return Source(path, config, model, infos)
+
+
+def _refuse_quantized(path: Path, config: dict) -> None:
+    if isinstance(config, dict) and config.get("quantization"):
+        raise UserError(
+            f"{path / 'config.json'} has a \"quantization\" block: this is already an MLX conversion; "
+            "load it directly (no conversion needed) or convert the bf16 release"
+        )
+    method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
+    if method:
+        raise UserError(
+            f"{path / 'config.json'}: checkpoints quantized with quant_method {method!r} are not supported; "
+            "convert the bf16 release (google/diffusiongemma-26B-A4B-it)"
+        )
+
+
+def check_settings(q_bits: int, q_group_size: int, recipe: str, dtype: str | None) -> None:
+    """Reject quantization settings MLX cannot honour, naming the allowed values."""
+    if recipe not in RECIPES:
+        raise UserError(f"unknown quantization recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if q_bits not in BITS:
+        raise UserError(f"q_bits={q_bits} is not supported; choose one of {', '.join(map(str, BITS))}")
+    if q_group_size not in GROUP_SIZES:
+        raise UserError(
+            f"q_group_size={q_group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}"
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+
+
+def default_dtype(config: dict) -> str:
+    """The checkpoint's own float type from `config.json`, else bfloat16."""
+    text = config.get("text_config") or {}
+    for value in (config.get("dtype"), config.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype")):
+        if value in DTYPES:
+            return value
+    return "bfloat16"
+
+
+def plan_conversion(
+    model: Model,
+    infos: dict[str, TensorInfo],
+    *,
+    quantize: bool = True,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    recipe: str = "mixed",
+    dtype: str = "bfloat16",
+) -> list[TensorPlan]:
+    """Decide, per tensor and in input-file order, its output dtype and quantization.
+
+    Layers follow the model's `quant_predicate`: `True` means the recipe's bits, a dict its
+    own settings (mixed recipe), `False` no quantization. A layer whose input dimension is
+    not a multiple of its group size is an error, never silently left unquantized.
+    """
+    predicate = model.quant_predicate
+    modules = dict(model.named_modules())
+    default = recipe_default(q_bits, q_group_size, recipe)
+    plans = []
+    for name, info in sorted(infos.items(), key=lambda item: (str(item[1].file), item[1].start)):
+        quant = None
+        path = name.removesuffix(".weight")
+        if quantize and name.endswith(".weight") and path in modules:
+            quant = _layer_quant(predicate(path, modules[path]), default, recipe)
+            _check_group_size(path, info.shape, quant)
+        plans.append(TensorPlan(name, info, DTYPES[dtype], quant))
+    return plans
+
+
+def recipe_default(q_bits: int, q_group_size: int, recipe: str) -> dict:
+    """The setting a recipe gives layers the model's predicate leaves to it."""
+    return {"group_size": q_group_size, "bits": 8 if recipe == "8bit" else q_bits}
+
+
+def _layer_quant(choice, default: dict, recipe: str) -> dict | None:
+    if not choice:
+        return None
+    if recipe == "8bit" or choice is True:
+        return dict(default)
+    return {"group_size": choice["group_size"], "bits": choice["bits"]}
+
+
+def _check_group_size(path: str, shape: tuple[int, ...], quant: dict | None) -> None:
+    if quant is None or shape[-1] % quant["group_size"] == 0:
+        return
+    fits = [g for g in GROUP_SIZES if shape[-1] % g == 0]
+    hint = f"use q_group_size {' or '.join(map(str, fits))}" if fits else "convert without quantization (dtype=...)"
+    raise UserError(
+        f"cannot quantize {path}: its input dimension {shape[-1]} is not a multiple of the group size "
+        f"{quant['group_size']}; {hint}"
+    )
+
+
+def quantization_block(plans: list[TensorPlan], default: dict) -> dict | None:
+    """The `quantization` entry of config.json in the mlx-lm / mlx-vlm layout: the recipe's
+    default at the top level and every quantized layer that differs from it by its path.
+    Loaders quantize the remaining layers exactly when the checkpoint stores their scales."""
+    quantized = [p for p in plans if p.quant is not None]
+    if not quantized:
+        return None
+    block = {**default, "mode": "affine"}
+    for p in quantized:
+        if p.quant != default:
+            block[p.name.removesuffix(".weight")] = dict(p.quant)
+    return block
+
+
+def shard_plans(plans: list[TensorPlan], max_shard_bytes: int) -> list[tuple[str, list[TensorPlan]]]:
+    """Group plans into output shards of at most `max_shard_bytes` (a larger tensor gets
+    its own shard), named as mlx-lm and mlx-vlm name them."""
+    groups: list[list[TensorPlan]] = []
+    size = 0
+    for plan in plans:
+        if not groups or size + plan.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(plan)
+        size += plan.nbytes
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    return list(zip(names, groups))
+
+
+def convert(
+    hf_path,
+    mlx_path,
+    *,
+    quantize: bool = True,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    recipe: str = "mixed",
+    dtype: str | None = None,
+    text_only: bool = False,
+    overwrite: bool = False,
+    progress: Progress | str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Convert a DiffusionGemma checkpoint (directory or Hub id) into an MLX model directory.
+
+    Args:
+        quantize: quantize the weights; with the default `recipe="mixed"` the routed experts
+            get `q_bits` and attention, dense MLP, router, self-conditioning and the tied
+            embedding get 8 bits (group 64); `recipe="8bit"` puts all of them at 8 bits.
+            Norms, scalars and the vision tower are never quantized.
+        dtype: "bfloat16", "float16" or "float32" for unquantized tensors and quantization
+            scales; default: the checkpoint's own dtype.
+        text_only: leave the vision tower out of the output.
+        overwrite: replace a non-empty `mlx_path` (otherwise refused).
+        progress: `progress(done_bytes, total_bytes)` called after each tensor, or "rich"
+            for a progress bar on stderr. Raising from it (Ctrl-C) aborts cleanly.
+
+    Returns the output directory. On any failure no output directory is left behind.
+    """
+    check_settings(q_bits, q_group_size, recipe, dtype)
+    source = open_source(hf_path, text_only)
+    dtype = dtype or default_dtype(source.config)
+    plans = plan_conversion(
+        source.model, source.infos, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
+        recipe=recipe, dtype=dtype,
+    )
+    shards = shard_plans(plans, max_shard_bytes)
+    copied = _files_to_copy(source.path)
+    needed = sum(p.nbytes for p in plans) + sum(f.stat().st_size for f in copied) + 2**20
+    with _progress_hook(progress) as hook:
+        try:
+            with atomic_output_dir(mlx_path, overwrite, needed_bytes=needed) as out:
+                _copy_files(copied, out)
+                weight_map = write_shards(out, shards, hook)
+                _write_index(out, weight_map, sum(p.nbytes for p in plans))
+                block = quantization_block(plans, recipe_default(q_bits, q_group_size, recipe))
+                _write_config(out / "config.json", source, block, dtype)
+        except KeyboardInterrupt as e:
+            raise KeyboardInterrupt(f"conversion interrupted; nothing was written to {mlx_path}; run it again") from e
+    return Path(mlx_path).expanduser().resolve()
+
+
+def _files_to_copy(path: Path) -> list[Path]:
+    missing = [name for name in TOKENIZER_FILES if not (path / name).is_file()]
+    if missing:
+        warnings.warn(
+            f"{path} has no {' or '.join(missing)}: the converted model loads but cannot generate text "
+            "until you copy the tokenizer files into it",
+            stacklevel=3,
+        )
+    return [path / name for name in COPIED_FILES if (path / name).is_file()]
+
+
+def _copy_files(files: list[Path], out: Path) -> None:
+    for file in files:
+        shutil.copyfile(file, out / file.name)
+
+
+@contextlib.contextmanager
+def _progress_hook(progress: Progress | str | None) -> Iterator[Progress]:
+    if progress is None:
+        yield lambda done, total: None
+    elif progress == "rich":
+        with rich_progress() as hook:
+            yield hook
+    elif callable(progress):
+        yield progress
+    else:
+        raise UserError(f"progress must be a callable or 'rich', found {progress!r}")
+
+
+@contextlib.contextmanager
+def rich_progress(description: str = "Converting") -> Iterator[Progress]:
+    """A `progress(done_bytes, total_bytes)` hook drawing a rich bar (bytes, speed, ETA) on stderr."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def write_shards(out: Path, shards: list[tuple[str, list[TensorPlan]]], progress: Progress) -> dict[str, str]:
+    """Stream every tensor from its input shard into the planned output shards."""
+    plans = [p for _, group in shards for p in group]
+    total, done = sum(p.source.nbytes for p in plans), 0
+    arrays = _source_arrays(plans)
+    weight_map = {}
+    for name, group in shards:
+        tensors = [t for p in group for t in p.outputs]
+        with open(out / name, "wb") as f:
+            _write_header(f, tensors)
+            for plan, array in itertools.islice(arrays, len(group)):
+                _write_tensor(f, plan, array)
+                del array
+                mx.clear_cache()
+                done += plan.source.nbytes
+                progress(done, total)
+        weight_map.update({t.name: name for t in tensors})
+    return weight_map
+
+
+def _source_arrays(plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, mx.array]]:
+    """Yield each plan with its lazy input array, opening every input shard once."""
+    for file, group in itertools.groupby(plans, key=lambda p: p.source.file):
+        try:
+            arrays = mx.load(str(file))
+        except RuntimeError as e:
+            raise UserError(f"cannot read {file} ({e}); re-download it") from None
+        for plan in group:
+            yield plan, arrays.pop(plan.source.name)
+        del arrays
+
+
+def _write_header(f, tensors: list[OutputTensor]) -> None:
+    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned
+    f.write(len(raw).to_bytes(8, "little") + raw)
+
+
+def _write_tensor(f, plan: TensorPlan, array: mx.array) -> None:
+    try:
+        mx.eval(array)
+    except RuntimeError as e:
+        raise UserError(f"cannot read tensor {plan.source.name!r} from {plan.source.file} ({e}); re-download it") from None
+    array = array.astype(plan.dtype)
+    outputs = [array] if plan.quant is None else list(mx.quantize(array, **plan.quant))
+    del array
+    outputs = [mx.contiguous(a) for a in outputs]
+    mx.eval(outputs)
+    for expected, a in zip(plan.outputs, outputs):
+        if tuple(a.shape) != expected.shape or SAFETENSORS_DTYPE[a.dtype] != expected.dtype:
+            raise RuntimeError(f"{expected.name}: produced {a.dtype} {a.shape}, planned {expected.dtype} {expected.shape}")
+        f.write(memoryview(a))
+
+
+def _write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_config(path: Path, source: Source, block: dict | None, dtype: str) -> None:
+    config = dict(source.config)
+    config["dtype"] = dtype
+    if "vision_tower" not in source.model.model.encoder:
+        config.pop("vision_config", None)
+    if block:
+        # mlx-lm and mlx-vlm write both keys; Hugging Face tooling reads the second.
+        config["quantization"] = block
+        config["quantization_config"] = block
+    path.write_text(json.dumps(config, indent=2) + "\n")
