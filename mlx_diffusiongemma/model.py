@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from .cache import FullCache, SlidingCache, cache_length
+from .cache import FullCache, SlidingCache
 from .errors import UserError
 from .vision import VisionEmbedder, VisionTower
 

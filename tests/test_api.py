@@ -4,7 +4,6 @@ import json
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 

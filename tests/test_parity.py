@@ -6,7 +6,7 @@ import torch
 import mlx.core as mx
 from transformers import DynamicCache
 
-from mlx_diffusiongemma import generate_step, load_model
+from mlx_diffusiongemma import load_model
 from reference import make_reference, to_numpy
 
 # Three configurations that together cover sliding and full (K=V) layers, proportional
