@@ -16,7 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -62,17 +61,15 @@ class OneLineErrors(TyperGroup):
     """Turns usage errors, `UserError`s and closed pipes into one line and an exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = sys.argv[1:] if args is None else list(args)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:
-            e.show()
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
+            code = super().main(args or ["--help"], prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:
             _error(f"{e.format_message()} (see --help)")
             sys.exit(e.exit_code)
-        except click.Abort:
+        except typer.Abort:
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -81,10 +78,10 @@ class OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except UserError as e:
             _error(e)
-            raise click.exceptions.Exit(1) from None
+            raise typer.Exit(1) from None
         except BrokenPipeError:
             _quiet_stdout()
-            raise click.exceptions.Exit(1) from None
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(
@@ -92,7 +89,6 @@ app = typer.Typer(
     name="mlx-diffusiongemma",
     help="DiffusionGemma with MLX: generate text, chat, convert checkpoints.",
     add_completion=False,
-    no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 
