@@ -3,7 +3,8 @@ the transformers reference and mlx-vlm on the same random checkpoint, side by si
 
 A step is the decoder forward with self-conditioning plus the entropy-bounded sampler
 (temperature, full-vocabulary sampling, entropy, acceptance, renoising). The three are
-timed round-robin in one process so machine noise hits them alike; ratios are reported.
+timed round-robin in one process so machine noise hits them alike; ratios are reported
+for wall time and for CPU time (all threads), which other load on the machine distorts less.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
         python benchmarks/step_time.py --rounds 5
@@ -135,16 +136,17 @@ class Reference:
         self.sc = scaled
 
 
-def time_round_robin(runners, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+def time_round_robin(runners, rounds: int, warmup: int = 2) -> dict[str, dict[str, list[float]]]:
     for r in runners:
         for _ in range(warmup):
             r.step()
-    times = {r.name: [] for r in runners}
+    times = {r.name: {"wall": [], "cpu": []} for r in runners}
     for _ in range(rounds):
         for r in runners:
-            tic = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             r.step()
-            times[r.name].append(time.perf_counter() - tic)
+            times[r.name]["wall"].append(time.perf_counter() - wall)
+            times[r.name]["cpu"].append(time.process_time() - cpu)
     return times
 
 
@@ -160,10 +162,12 @@ def main():
         ref = write_checkpoint(Path(tmp))
         runners = [Ours(tmp, prompt, canvas), MlxVlm(tmp, prompt, canvas), Reference(ref, prompt, canvas)]
         times = time_round_robin(runners, args.rounds)
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
-    ours = medians[Ours.name]
-    for name, m in medians.items():
-        print(f"{name:20s} median {m:.3f} s/step   ours/this = {ours / m:.2f}   runs {[round(t, 3) for t in times[name]]}")
+    for kind in ("wall", "cpu"):
+        medians = {name: statistics.median(t[kind]) for name, t in times.items()}
+        ours = medians[Ours.name]
+        for name, m in medians.items():
+            runs = [round(t, 2) for t in times[name][kind]]
+            print(f"{kind:4s} {name:20s} median {m:.3f} s/step  ours/this = {ours / m:.2f}  runs {runs}")
 
 
 if __name__ == "__main__":
