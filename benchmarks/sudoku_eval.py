@@ -1,0 +1,240 @@
+"""Sudoku accuracy and speed: the diffusion sampler vs one-position-per-forward decoding.
+
+For each model and blank count, held-out puzzles (a seed the training script never
+uses) are solved with the default sampler settings (the model's generation_config.json):
+share solved, cell accuracy on the blanks, steps per canvas, tokens per forward, wall
+time. The sequential baseline runs the same model left to right: the canvas starts as
+noise and each forward commits the argmax of the next position only (its logits, at
+the sampler's last temperature, self-condition the next forward).
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \\
+    python benchmarks/sudoku_eval.py --n 500 --sequential 100 \\
+        --model unquantized=runs/sudoku/hf --model 4-bit=mlx_diffusiongemma/assets/sudoku
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_diffusiongemma import sudoku
+from mlx_diffusiongemma.generate import GenerationSettings, encode_prompt
+from mlx_diffusiongemma.loading import load
+from mlx_diffusiongemma.sample import pad_after_eos, sampler_step, temperature
+from mlx_diffusiongemma.sudoku_solver import DEFAULT_MODEL, puzzle_prompt, stream_solve
+
+EVAL_SEED = 7_000_000
+
+
+def puzzles(blanks: int, n: int) -> list[tuple[str, str]]:
+    return sudoku.make_dataset(EVAL_SEED + blanks, n, blanks)
+
+
+def diffusion(model, tokenizer, puzzle: str, seed: int) -> dict:
+    """One puzzle through the default sampler."""
+    tic = time.perf_counter()
+    text, last = "", None
+    for last in stream_solve(puzzle, model, tokenizer, seed=seed):
+        text += last.text
+    return dict(
+        answer=sudoku.parse_grid(text), seconds=time.perf_counter() - tic, forwards=last.decoder_forwards,
+        steps=last.steps_per_canvas, tokens_per_forward=last.tokens_per_forward,
+    )
+
+
+def sequential(model, tokenizer, puzzle: str, seed: int) -> dict:
+    """One puzzle decoded one canvas position per forward, left to right."""
+    tic = time.perf_counter()
+    s = GenerationSettings.resolve(model, seed=seed)
+    cache = model.make_cache()
+    model.encode(mx.array(encode_prompt(tokenizer, puzzle_prompt(tokenizer, puzzle)))[None], cache)
+    L, V = model.args.canvas_length, model.args.vocab_size
+    canvas = mx.random.randint(0, V, (1, L), dtype=mx.int32, key=mx.random.key(seed))
+    scaled, tokens = None, []
+    for j in range(L):
+        logits = model.denoise(canvas, cache, scaled)
+        scaled = logits / s.t_min
+        token = mx.argmax(logits[0, j]).astype(mx.int32)
+        canvas[0, j] = token
+        tokens.append(token.item())
+        if tokens[-1] in s.eos_token_ids:
+            break
+    visible = [t for t in tokens if t not in s.eos_token_ids]
+    return dict(
+        answer=sudoku.parse_grid(tokenizer.decode(visible)), seconds=time.perf_counter() - tic,
+        forwards=len(tokens), steps=len(tokens), tokens_per_forward=1.0,
+    )
+
+
+def batched_diffusion(model, tokenizer, cases: list[tuple[str, str]], seed: int) -> list[dict]:
+    """The sampler of `generate_step` run on a batch of puzzles (same prompt length):
+    each row stops on its own stable-and-confident rule; finished rows ride along unchanged."""
+    s = GenerationSettings.resolve(model, seed=seed)
+    cache = prefill(model, tokenizer, cases)
+    B, L, V = len(cases), model.args.canvas_length, model.args.vocab_size
+    key = mx.random.key(seed)
+    key, noise_key = mx.random.split(key)
+    canvas = mx.random.randint(0, V, (B, L), dtype=mx.int32, key=noise_key)
+    bound = mx.array(s.entropy_bound, dtype=mx.float32)
+    scaled, probs, history, final, steps = None, None, [], [None] * B, [0] * B
+    for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
+        key, step_key = mx.random.split(key)
+        logits = model.denoise(canvas, cache, scaled, self_conditioning_probs=probs)
+        inv_t = mx.array(1.0 / temperature(cur_step, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)
+        scaled, probs, argmax, canvas, _, entropy = sampler_step(logits, inv_t, bound, mx.random.split(step_key))
+        stop = (entropy.mean(axis=-1) < s.confidence_threshold) & rows_stable(argmax, history, s.stability_threshold)
+        history = (history + [argmax])[-max(s.stability_threshold, 1):]
+        for i, (done, row) in enumerate(zip(stop.tolist(), argmax.tolist())):
+            if final[i] is None and (done or cur_step == 1):
+                final[i], steps[i] = row, n
+        if all(f is not None for f in final):
+            break
+    return [score_tokens(tokenizer, s, row, n) for row, n in zip(final, steps)]
+
+
+def rows_stable(argmax: mx.array, history: list[mx.array], k: int) -> mx.array:
+    """Per row: the argmax equals each of the last `k` argmax canvases."""
+    if k == 0:
+        return mx.ones(argmax.shape[:1], dtype=mx.bool_)
+    if len(history) < k:
+        return mx.zeros(argmax.shape[:1], dtype=mx.bool_)
+    return mx.stack([(argmax == h).all(axis=-1) for h in history[-k:]]).all(axis=0)
+
+
+def batched_sequential(model, tokenizer, cases: list[tuple[str, str]], seed: int) -> list[dict]:
+    """`sequential` on a batch of puzzles: forward j commits position j of every row."""
+    s = GenerationSettings.resolve(model, seed=seed)
+    cache = prefill(model, tokenizer, cases)
+    B, L, V = len(cases), model.args.canvas_length, model.args.vocab_size
+    canvas = mx.random.randint(0, V, (B, L), dtype=mx.int32, key=mx.random.key(seed))
+    scaled, eos = None, mx.array(list(s.eos_token_ids))
+    ended = mx.zeros((B,), dtype=mx.bool_)
+    for j in range(L):
+        logits = model.denoise(canvas, cache, scaled)
+        scaled = logits / s.t_min
+        token = mx.argmax(logits[:, j], axis=-1).astype(mx.int32)
+        canvas[:, j] = token
+        ended = ended | (token[:, None] == eos).any(axis=-1)
+        if ended.all().item():
+            break
+    results = []
+    for row in canvas.tolist():
+        n = next((i + 1 for i, t in enumerate(row) if t in s.eos_token_ids), L)
+        results.append(score_tokens(tokenizer, s, row, n, sequential=True))
+    return results
+
+
+def prefill(model, tokenizer, cases: list[tuple[str, str]]) -> list:
+    ids = [encode_prompt(tokenizer, puzzle_prompt(tokenizer, p)) for p, _ in cases]
+    cache = model.make_cache()
+    model.encode(mx.array(ids), cache)
+    return cache
+
+
+def score_tokens(tokenizer, s: GenerationSettings, row: list[int], forwards: int, sequential: bool = False) -> dict:
+    """Answer grid, forwards and tokens per forward of one committed canvas."""
+    tokens, _ = pad_after_eos(row, set(s.eos_token_ids), 0)
+    visible = []
+    for t in tokens:
+        if t in s.eos_token_ids:
+            break
+        visible.append(t)
+    generated = sum(t != 0 for t in tokens)
+    return dict(
+        answer=sudoku.parse_grid(tokenizer.decode(visible)), forwards=forwards, steps=forwards,
+        tokens_per_forward=1.0 if sequential else generated / forwards,
+    )
+
+
+def accuracy(method, model, tokenizer, cases: list[tuple[str, str]], batch: int) -> dict:
+    """Mean scores of a batched `method` over `(puzzle, solution)` cases."""
+    runs = []
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        for r, (puzzle, solution) in zip(method(model, tokenizer, chunk, seed=start), chunk):
+            r["solved"] = sudoku.is_solved(r["answer"], puzzle)
+            r["cell_accuracy"] = sudoku.cell_accuracy(r["answer"], solution, puzzle)
+            runs.append(r)
+    return mean(runs, ("solved", "cell_accuracy", "steps", "tokens_per_forward", "forwards"))
+
+
+def timing(method, model, tokenizer, cases: list[tuple[str, str]]) -> dict:
+    """Batch-1 wall time per puzzle through the package's own generation path."""
+    runs = []
+    for i, (puzzle, _) in enumerate(cases):
+        runs.append(method(model, tokenizer, puzzle, seed=i))
+    return mean(runs, ("seconds", "forwards"))
+
+
+def mean(runs: list[dict], keys) -> dict:
+    return {"n": len(runs), **{k: sum(float(r[k]) for r in runs) / len(runs) for k in keys}}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=None,
+                        help="NAME=PATH (repeatable; default: the shipped model)")
+    parser.add_argument("--blanks", type=int, nargs="+", default=[30, 40, 50])
+    parser.add_argument("--n", type=int, default=500, help="puzzles per blank count")
+    parser.add_argument("--batch", type=int, default=50, help="puzzles per batch for the accuracy runs")
+    parser.add_argument("--sequential", type=int, default=500,
+                        help="puzzles per blank count for the sequential baseline (first model only)")
+    parser.add_argument("--timed", type=int, default=10,
+                        help="puzzles per blank count timed one at a time (first model only)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sudoku.json"))
+    return parser.parse_args()
+
+
+def accuracy_row(name: str, method: str, blanks: int, r: dict) -> str:
+    return (
+        f"| {name} | {method} | {blanks} | {r['n']} | {100 * r['solved']:.1f}% | {100 * r['cell_accuracy']:.1f}% "
+        f"| {r['steps']:.1f} | {r['tokens_per_forward']:.2f} |"
+    )
+
+
+def timing_row(name: str, blanks: int, d: dict, q: dict) -> str:
+    return (
+        f"| {name} | {blanks} | {d['n']} | {d['forwards']:.1f} | {1000 * d['seconds']:.0f} "
+        f"| {q['forwards']:.1f} | {1000 * q['seconds']:.0f} | {q['seconds'] / d['seconds']:.1f}x |"
+    )
+
+
+def run_model(k: int, name: str, path: str, args) -> list[dict]:
+    model, tokenizer = load(path)
+    results = []
+    for blanks in args.blanks:
+        cases = puzzles(blanks, max(args.n, args.sequential, args.timed))
+        jobs = [("diffusion", batched_diffusion, args.n)]
+        if k == 0:
+            jobs.append(("sequential", batched_sequential, args.sequential))
+        for method, fn, n in jobs:
+            if n:
+                r = accuracy(fn, model, tokenizer, cases[:n], args.batch)
+                results.append(dict(model=name, path=path, decoding=method, blanks=blanks, **r))
+                print(accuracy_row(name, method, blanks, r), flush=True)
+        if k == 0 and args.timed:
+            d = timing(diffusion, model, tokenizer, cases[: args.timed])
+            q = timing(sequential, model, tokenizer, cases[: args.timed])
+            results.append(dict(model=name, path=path, decoding="timed", blanks=blanks, diffusion=d, sequential=q))
+            print(timing_row(name, blanks, d, q), flush=True)
+    return results
+
+
+def main():
+    args = parse_args()
+    models = [m.split("=", 1) for m in args.model] if args.model else [["4-bit", str(DEFAULT_MODEL)]]
+    print("| model | decoding | blanks | puzzles | solved | cell accuracy | steps/canvas | tokens/forward |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("(timing rows: | model | blanks | puzzles | diffusion forwards | diffusion ms | sequential forwards "
+          "| sequential ms | slowdown |)")
+    results = []
+    for k, (name, path) in enumerate(models):
+        results += run_model(k, name, path, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

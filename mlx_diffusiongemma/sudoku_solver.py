@@ -1,0 +1,177 @@
+"""Solve Sudoku puzzles with the small DiffusionGemma shipped in the package.
+
+The puzzle is the user turn of a Gemma 4 chat (nine rows of digits, '.' for blanks);
+the model answers with the completed grid in one canvas, denoised in parallel:
+
+    python -m mlx_diffusiongemma.sudoku_solver                  # a generated puzzle
+    python -m mlx_diffusiongemma.sudoku_solver --blanks 50 --seed 3
+    python -m mlx_diffusiongemma.sudoku_solver --puzzle "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+"""
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from . import sudoku
+from .errors import UserError
+from .generate import GenerationResponse, stream_generate
+from .loading import load
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "sudoku"
+UNKNOWN = "?"
+
+
+def load_solver(path=None):
+    """`(model, tokenizer)` of a Sudoku model directory, the shipped one by default."""
+    return load(DEFAULT_MODEL if path is None else path)
+
+
+def puzzle_prompt(tokenizer, puzzle: str) -> str:
+    """The chat-templated prompt asking for `puzzle` (81 characters, '.' or '0' blanks)."""
+    messages = [{"role": "user", "content": sudoku.format_grid(normalize(puzzle))}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def normalize(puzzle: str) -> str:
+    """81 characters of digits and '.', from a grid given in one line or nine."""
+    cells = "".join(puzzle.split()).replace("0", sudoku.BLANK)
+    if len(cells) != 81 or any(ch not in sudoku.DIGITS + sudoku.BLANK for ch in cells):
+        raise UserError("a puzzle is 81 cells of digits 1-9 and '.' (or '0') for blanks, row by row")
+    return cells
+
+
+def stream_solve(puzzle: str, model, tokenizer, **settings) -> Iterator[GenerationResponse]:
+    """`stream_generate` on the puzzle's prompt: one response per denoising step."""
+    return stream_generate(model, tokenizer, puzzle_prompt(tokenizer, puzzle), **settings)
+
+
+def solve_puzzle(puzzle: str, model=None, tokenizer=None, **settings) -> str | None:
+    """The model's completed grid (81 digits) for `puzzle`, or None if it did not
+    answer with a grid. Loads the shipped model when none is given; `settings` are
+    `GenerationSettings` overrides (defaults: the model's generation_config.json)."""
+    if model is None:
+        model, tokenizer = load_solver()
+    text = "".join(r.text for r in stream_solve(puzzle, model, tokenizer, **settings))
+    return sudoku.parse_grid(text)
+
+
+def draft_cells(text: str) -> str:
+    """81 cells read from a (possibly malformed) draft: row by row, `?` where a row has
+    no digit."""
+    rows = (text.split("\n") + [""] * 9)[:9]
+    cells = ""
+    for row in rows:
+        row = (row + UNKNOWN * 9)[:9]
+        cells += "".join(ch if ch in sudoku.DIGITS else UNKNOWN for ch in row)
+    return cells
+
+
+def render_grid(puzzle: str, cells: str) -> Text:
+    """A boxed grid: givens bold, the model's digits cyan, digits breaking a rule red."""
+    wrong = conflicts(cells)
+    text = Text()
+    for r in range(9):
+        if r % 3 == 0:
+            text.append("+-------+-------+-------+\n", style="dim")
+        for c in range(9):
+            if c % 3 == 0:
+                text.append("| ", style="dim")
+            i = r * 9 + c
+            style = "bold" if puzzle[i] in sudoku.DIGITS else ("red" if i in wrong else "cyan")
+            text.append(cells[i] + " ", style=style)
+        text.append("|\n", style="dim")
+    text.append("+-------+-------+-------+", style="dim")
+    return text
+
+
+def conflicts(cells: str) -> set[int]:
+    """Cells whose digit repeats in their row, column or box."""
+    bad = set()
+    for i, ch in enumerate(cells):
+        if ch in sudoku.DIGITS:
+            bad |= {j for j in peers(i) if cells[j] == ch}
+    return bad
+
+
+def peers(i: int) -> list[int]:
+    r, c = divmod(i, 9)
+    box = [(r // 3 * 3 + a) * 9 + c // 3 * 3 + b for a in range(3) for b in range(3)]
+    return [j for j in {*(r * 9 + k for k in range(9)), *(k * 9 + c for k in range(9)), *box} if j != i]
+
+
+def status_line(r: GenerationResponse) -> str:
+    return f"step {r.step} · {r.accepted} positions accepted · mean entropy {r.mean_entropy:.3f}"
+
+
+def show_solve(puzzle: str, model, tokenizer, console: Console, live: bool, **settings) -> str | None:
+    """Solve while drawing the canvas resolving (on a terminal); return the answer grid."""
+    text, last = "", None
+    with Live(console=console, auto_refresh=False, transient=False) if live else _Nothing() as view:
+        for last in stream_solve(puzzle, model, tokenizer, **settings):
+            text += last.text
+            if live:
+                frame = Group(render_grid(puzzle, draft_cells(last.draft)), Text(status_line(last), style="dim"))
+                view.update(frame, refresh=True)
+    answer = sudoku.parse_grid(text)
+    if not live:
+        console.print(render_grid(puzzle, draft_cells(text)))
+    if last is not None:
+        console.print(
+            f"{last.steps_per_canvas:.0f} denoising steps, {last.tokens_per_forward:.1f} tokens per forward",
+            style="dim",
+        )
+    return answer
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_diffusiongemma.sudoku_solver",
+        description="Solve a Sudoku with the small DiffusionGemma shipped in the package.",
+    )
+    parser.add_argument("--puzzle", help="81 cells row by row, '.' or '0' for blanks (default: generate one)")
+    parser.add_argument("--blanks", type=int, default=40, help="blanks in a generated puzzle (default 40)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the generated puzzle")
+    parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the denoising sampler")
+    parser.add_argument("--model", default=None, help="a Sudoku model directory (default: the shipped one)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Command line entry point: solve one puzzle and show the canvas resolving."""
+    args = parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        if args.puzzle is not None:
+            puzzle = normalize(args.puzzle)
+        else:
+            seed = random.randrange(2**31) if args.seed is None else args.seed
+            puzzle, _ = sudoku.generate(seed, args.blanks)
+            console.print(f"puzzle: {args.blanks} blanks, seed {seed}", style="dim")
+        if not sudoku.solve(puzzle, limit=1):
+            raise UserError("this puzzle has no solution (its givens conflict)")
+        model, tokenizer = load_solver(args.model)
+        answer = show_solve(puzzle, model, tokenizer, console, console.is_terminal, seed=args.sampler_seed)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    solved = sudoku.is_solved(answer, puzzle)
+    console.print("solved" if solved else "not solved", style="bold green" if solved else "bold red")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
