@@ -1,15 +1,14 @@
 """Convert a Hugging Face DiffusionGemma checkpoint to an MLX model directory.
 
 Every input header is validated against the model built from `config.json` before anything
-is written. Tensors are then streamed: one input shard is opened at a time (its arrays are
-lazy), each tensor is cast and quantized on its own and written straight into an output
-shard whose header was planned up front, so memory holds about one tensor, not the model.
+is written. Tensors are then streamed in input-file order: each is read in chunks of rows at
+its validated offsets, cast, quantized and written straight into an output shard whose
+header was planned up front, so memory holds a few chunks, not a shard or the model.
 Output goes to a temporary directory that is renamed into place once complete, with
 `config.json` (carrying the mlx-lm / mlx-vlm `quantization` block) written last.
 """
 
 import contextlib
-import itertools
 import json
 import math
 import shutil
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from .checkpoint import INDEX_NAME, TensorInfo, atomic_output_dir, check_tensors, list_checkpoint, resolve_model_path
 from .errors import UserError
@@ -39,6 +39,8 @@ COPIED_FILES = (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_DTYPE = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4}
+READ_DTYPES = {"BF16": (np.uint16, mx.bfloat16), "F16": (np.float16, None), "F32": (np.float32, None)}
+CHUNK_BYTES = 64 * 1024**2
 
 Progress = Callable[[int, int], None]
 
@@ -331,34 +333,19 @@ def rich_progress(description: str = "Converting") -> Iterator[Progress]:
 
 def write_shards(out: Path, shards: list[tuple[str, list[TensorPlan]]], progress: Progress) -> dict[str, str]:
     """Stream every tensor from its input shard into the planned output shards."""
-    plans = [p for _, group in shards for p in group]
-    total, done = sum(p.source.nbytes for p in plans), 0
-    arrays = _source_arrays(plans)
-    weight_map = {}
+    total = sum(p.source.nbytes for _, group in shards for p in group)
+    done, weight_map = 0, {}
     for name, group in shards:
         tensors = [t for p in group for t in p.outputs]
         with open(out / name, "wb") as f:
             _write_header(f, tensors)
-            for plan, array in itertools.islice(arrays, len(group)):
-                _write_tensor(f, plan, array)
-                del array
+            for plan in group:
+                _write_tensor(f, plan)
                 mx.clear_cache()
                 done += plan.source.nbytes
                 progress(done, total)
         weight_map.update({t.name: name for t in tensors})
     return weight_map
-
-
-def _source_arrays(plans: list[TensorPlan]) -> Iterator[tuple[TensorPlan, mx.array]]:
-    """Yield each plan with its lazy input array, opening every input shard once."""
-    for file, group in itertools.groupby(plans, key=lambda p: p.source.file):
-        try:
-            arrays = mx.load(str(file))
-        except RuntimeError as e:
-            raise UserError(f"cannot read {file} ({e}); re-download it") from None
-        for plan in group:
-            yield plan, arrays.pop(plan.source.name)
-        del arrays
 
 
 def _write_header(f, tensors: list[OutputTensor]) -> None:
@@ -371,20 +358,51 @@ def _write_header(f, tensors: list[OutputTensor]) -> None:
     f.write(len(raw).to_bytes(8, "little") + raw)
 
 
-def _write_tensor(f, plan: TensorPlan, array: mx.array) -> None:
-    try:
-        mx.eval(array)
-    except RuntimeError as e:
-        raise UserError(f"cannot read tensor {plan.source.name!r} from {plan.source.file} ({e}); re-download it") from None
-    array = array.astype(plan.dtype)
-    outputs = [array] if plan.quant is None else list(mx.quantize(array, **plan.quant))
-    del array
-    outputs = [mx.contiguous(a) for a in outputs]
-    mx.eval(outputs)
-    for expected, a in zip(plan.outputs, outputs):
-        if tuple(a.shape) != expected.shape or SAFETENSORS_DTYPE[a.dtype] != expected.dtype:
-            raise RuntimeError(f"{expected.name}: produced {a.dtype} {a.shape}, planned {expected.dtype} {expected.shape}")
-        f.write(memoryview(a))
+def _write_tensor(f, plan: TensorPlan) -> None:
+    """Convert one tensor in row chunks. Quantizing works row by row, so packed weights
+    are written as they come and their (small) scales and biases after them."""
+    end = f.tell() + plan.nbytes
+    extras = []
+    for rows in read_rows(plan.source):
+        rows = rows.astype(plan.dtype)
+        if plan.quant is None:
+            _write_array(f, rows)
+        else:
+            weight, scales, biases = mx.quantize(rows, **plan.quant)
+            _write_array(f, weight)
+            extras.append((scales, biases))
+    for i in (0, 1):
+        for pair in extras:
+            _write_array(f, pair[i])
+    if f.tell() != end:
+        raise RuntimeError(f"{plan.name}: wrote {f.tell() - end + plan.nbytes} bytes, planned {plan.nbytes}")
+
+
+def _write_array(f, a: mx.array) -> None:
+    a = mx.contiguous(a)
+    mx.eval(a)
+    f.write(memoryview(a))
+
+
+def read_rows(info: TensorInfo, chunk_bytes: int | None = None) -> Iterator[mx.array]:
+    """A float tensor's data as (rows, last dim) arrays of about `chunk_bytes`, read at the
+    header's validated offsets (numpy has no bfloat16: those are read as uint16 bits)."""
+    np_dtype, view = READ_DTYPES[info.dtype]
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    width = info.shape[-1] if info.shape else 1
+    itemsize = np.dtype(np_dtype).itemsize
+    rows = math.prod(info.shape) // width if width else 0
+    step = max(1, chunk_bytes // (width * itemsize)) if width else 1
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        try:
+            data = np.fromfile(info.file, dtype=np_dtype, count=n * width, offset=info.start + start * width * itemsize)
+        except OSError as e:
+            raise UserError(f"cannot read tensor {info.name!r} from {info.file} ({e.strerror}); re-download it") from None
+        if data.size != n * width:
+            raise UserError(f"{info.file} was truncated while reading tensor {info.name!r}; re-download it")
+        a = mx.array(data.reshape(n, width))
+        yield a.view(view) if view is not None else a
 
 
 def _write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:

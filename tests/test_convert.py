@@ -1,6 +1,7 @@
 """convert(): round trips against the reference, the quantization recipes, the released
 index, and bad inputs that must end in one clear error with nothing left behind."""
 
+import copy
 import json
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import DynamicCache
 
+import mlx_diffusiongemma.convert as convert_module
 from mlx_diffusiongemma import UserError, load_model
 from mlx_diffusiongemma.checkpoint import INDEX_NAME, list_checkpoint, read_header
 from mlx_diffusiongemma.convert import convert, open_source, plan_conversion, quantization_block, recipe_default
@@ -188,6 +190,23 @@ def test_bfloat16_output(reference, tmp_path):
     out = convert(reference[0], tmp_path / "bf16", quantize=False, dtype="bfloat16", text_only=True)
     assert {i.dtype for i in list_checkpoint(out).values()} == {"BF16"}
     assert load_model(out).model.decoder.embed_tokens.weight.dtype == mx.bfloat16
+
+
+def test_chunked_reading_writes_the_same_bytes(reference, converted, tmp_path, monkeypatch):
+    monkeypatch.setattr(convert_module, "CHUNK_BYTES", 1000)  # several chunks per tensor, some of one row
+    out = convert(reference[0], tmp_path / "chunked")
+    assert (out / "model.safetensors").read_bytes() == (converted["4bit"] / "model.safetensors").read_bytes()
+
+
+def test_bfloat16_input_is_read_exactly(reference, tmp_path):
+    src, ref = reference
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(tmp_path / "hf-bf16", max_shard_size="40KB")
+    out = convert(tmp_path / "hf-bf16", tmp_path / "f32", quantize=False, dtype="float32")
+    source = {k: v for f in (tmp_path / "hf-bf16").glob("*.safetensors") for k, v in mx.load(str(f)).items()}
+    result = mx.load(str(out / "model.safetensors"))
+    name = "model.decoder.layers.0.experts.gate_up_proj"
+    assert source[name].dtype == mx.bfloat16 and result[name + ".weight"].dtype == mx.float32
+    assert mx.array_equal(source[name].astype(mx.float32), result[name + ".weight"])
 
 
 # ---------------------------------------------------------------------------------------
