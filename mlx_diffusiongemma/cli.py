@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperGroup
 
 from .chat import ChatSession, repair_text
@@ -393,6 +394,30 @@ def chat(
             _chat_reply(session, line)
 
 
+class _ProgressBar:
+    """A progress bar on stderr that appears with the first bytes written, so a
+    conversion refused up front prints only its error line."""
+
+    def __init__(self):
+        self.bar = self.task = None
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            columns = (TextColumn("Converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                       TimeRemainingColumn())
+            self.bar = Progress(*columns, console=Console(stderr=True))
+            self.bar.start()
+            self.task = self.bar.add_task("convert", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 @app.command()
 def convert(
     hf_path: Annotated[str, typer.Argument(help="Hugging Face checkpoint: directory or repo id.")],
@@ -413,11 +438,11 @@ def convert(
     from . import convert as converter  # the converter lands separately from the CLI
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _ProgressBar() as progress:
             warnings.simplefilter("always")
             out = converter.convert(
                 hf_path, mlx_path, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
-                recipe=recipe, dtype=dtype, text_only=text_only, overwrite=overwrite, progress="rich",
+                recipe=recipe, dtype=dtype, text_only=text_only, overwrite=overwrite, progress=progress,
             )
     except KeyboardInterrupt as e:
         _error(e.args[0] if e.args else "conversion interrupted")

@@ -197,3 +197,45 @@ def test_chat_reports_a_turn_too_long_and_goes_on(short_context_dir):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "context" in errors[0]
     assert "1 turns" in result.stdout
+
+
+def test_convert_writes_a_model_that_generates(model_dir, tmp_path):
+    out = tmp_path / "mlx"
+    result = invoke(["convert", model_dir, str(out), "--no-quantize", "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    assert "converted model written to" in result.stdout
+    assert generate(str(out), "Hello there").exit_code == 0
+
+
+def test_convert_refuses_a_non_empty_output_unless_overwrite(model_dir, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert_one_line_error(invoke(["convert", model_dir, str(tmp_path), "--no-quantize"]), "--overwrite")
+    assert (tmp_path / "keep.txt").exists()
+    assert invoke(["convert", model_dir, str(tmp_path), "--no-quantize", "--overwrite"]).exit_code == 0
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--q-bits", "7"], "q_bits"),
+    (["--recipe", "fancy"], "recipe"),
+    (["--dtype", "float64"], "dtype"),
+    (["--q-group-size", "64"], "cannot quantize"),  # the tiny model's experts have 32 inputs
+])
+def test_convert_settings_are_checked(model_dir, tmp_path, args, fragment):
+    assert_one_line_error(invoke(["convert", model_dir, str(tmp_path / "out"), *args]), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_missing_source_is_one_line(tmp_path):
+    assert_one_line_error(invoke(["convert", str(tmp_path / "nope"), str(tmp_path / "out")]), "nope")
+
+
+def test_convert_warns_in_one_line_without_tokenizer_files(model_dir, tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for f in Path(model_dir).iterdir():
+        if not f.name.startswith("tokenizer"):
+            (source / f.name).write_bytes(f.read_bytes())
+    result = invoke(["convert", str(source), str(tmp_path / "out"), "--no-quantize"])
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "tokenizer" in warnings[0]
