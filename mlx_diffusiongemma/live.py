@@ -15,6 +15,9 @@ from rich.text import Text
 from .generate import GenerationResponse
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Gemma 4 wraps thoughts in <|channel>thought\n ... <channel|>.
+_THOUGHT_MARKERS = re.compile(r"(<\|channel>|<channel\|>)")
+THOUGHT_STYLE = "dim italic"
 
 
 def printable(text: str) -> str:
@@ -57,12 +60,14 @@ class PlainView:
 class LiveView:
     """On a terminal: finished lines of committed text scroll up as usual; below them a
     live region shows the unfinished line, the current canvas's draft (dim) and a status
-    line. When the reply ends the live region is erased, leaving only committed text."""
+    line. When the reply ends the live region is erased, leaving only committed text.
+    Thoughts are shown in italics without their channel markers."""
 
     def __init__(self, console: Console, max_steps: int, canvas_length: int):
         self.console = console
         self.max_steps, self.canvas_length = max_steps, canvas_length
-        self.tail = ""
+        self.tail = Text()
+        self.in_thought = False
         self.live = Live(console=console, transient=True, auto_refresh=False)
 
     def __enter__(self) -> "LiveView":
@@ -75,16 +80,26 @@ class LiveView:
         self.live.update(self._frame(r), refresh=True)
 
     def _commit(self, text: str) -> None:
+        self.tail.append_text(self._styled(text))
+        *lines, self.tail = self.tail.split("\n", allow_blank=True)
         # Only whole lines leave the live region: the terminal cannot take back a
         # half-printed line once the region below it is redrawn.
-        lines, newline, self.tail = (self.tail + text).rpartition("\n")
-        if newline:
-            self.console.print(Text(lines), soft_wrap=True)
+        if lines:
+            self.console.print(Text("\n").join(lines), soft_wrap=True)
+
+    def _styled(self, text: str) -> Text:
+        out = Text()
+        for piece in _THOUGHT_MARKERS.split(text):
+            if piece in ("<|channel>", "<channel|>"):
+                self.in_thought = piece == "<|channel>"
+            elif piece:
+                out.append(piece, style=THOUGHT_STYLE if self.in_thought else "")
+        return out
 
     def _frame(self, r: GenerationResponse) -> Group:
-        text = Text(self.tail)
+        text = self.tail.copy()
         if r.committed is None:
-            text.append(printable(r.draft), style="dim")
+            text.append(_THOUGHT_MARKERS.sub("", printable(r.draft)), style="dim")
         status = (
             f"canvas {r.canvas + 1} · step {r.step}/{self.max_steps} · "
             f"{r.accepted}/{self.canvas_length} accepted · entropy {r.mean_entropy:.3f}"
@@ -94,5 +109,5 @@ class LiveView:
     def __exit__(self, *exc) -> None:
         self.live.stop()
         if self.tail:
-            self.console.print(Text(self.tail), soft_wrap=True)
-            self.tail = ""
+            self.console.print(self.tail, soft_wrap=True)
+            self.tail = Text()

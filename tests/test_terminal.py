@@ -3,6 +3,7 @@ Ctrl-D) and as a separate process behind pipes (bytes that are not UTF-8, a clos
 stdout, an offline Hub id)."""
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -17,10 +18,11 @@ import time
 import unicodedata
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
-from mlx_diffusiongemma import cli
-from mlx_diffusiongemma.live import printable
+from mlx_diffusiongemma import GenerationResponse, cli
+from mlx_diffusiongemma.live import LiveView, printable
 from test_chat import tiny_chat_model
 
 COLS, ROWS = 200, 50
@@ -223,3 +225,21 @@ def test_uncached_hub_id_offline_is_one_line(tmp_path):
     lines = proc.stderr.decode().strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ")
     assert "someone/not-cached-model" in lines[0]
+
+
+def response(text="", draft="", canvas=0, step=1, committed=None):
+    return GenerationResponse(text=text, draft=draft, canvas=canvas, step=step, accepted=1, mean_entropy=0.5,
+                              committed=committed, prompt_tokens=3, prompt_tps=1.0, generation_tokens=0,
+                              generation_tps=0.0)
+
+
+def test_live_view_shows_thoughts_in_italics_without_markers():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=COLS, height=ROWS, color_system="standard")
+    with LiveView(console, max_steps=4, canvas_length=8) as view:
+        view.update(response(draft="<|channel>thought\nhm"))
+        view.update(response(text="<|channel>thought\nhmm, 2+2", committed=[5]))
+        view.update(response(canvas=1, draft="<channel|>Four"))
+        view.update(response(text="<channel|>Four.", canvas=1, committed=[6]))
+    assert replay(out.getvalue())[:3] == ["thought", "hmm, 2+2Four.", ""]
+    assert "\x1b[2;3mhmm, 2+2\x1b[0mFour." in out.getvalue()
