@@ -7,9 +7,9 @@ is never encoded, and the template writes earlier answers without their thoughts
 without the empty thought block of the generation prompt.
 """
 
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
 
 import jinja2
 

@@ -14,7 +14,7 @@ import warnings
 from contextlib import closing, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -93,6 +93,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+
 def _positive(value: float | None) -> float | None:
     if value is not None and value <= 0:
         raise typer.BadParameter(f"{value} is not > 0.")
@@ -102,30 +103,30 @@ def _positive(value: float | None) -> float | None:
 # Sampling defaults come from the model's generation_config.json, else the reference's.
 _FROM_CONFIG = "model's or {}"
 
-ModelOption = Annotated[Optional[str], typer.Option(
+ModelOption = Annotated[str | None, typer.Option(
     "--model", "-m", help="Model directory or Hugging Face repo id.",
     show_default="packaged Sudoku model")]
-MaxTokensOption = Annotated[Optional[int], typer.Option(
+MaxTokensOption = Annotated[int | None, typer.Option(
     min=1, help="Most tokens to generate; whole canvases are written.",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["max_tokens"]))]
-StepsOption = Annotated[Optional[int], typer.Option(
+StepsOption = Annotated[int | None, typer.Option(
     "--steps", min=1, help="Most denoising steps per canvas.",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["max_denoising_steps"]))]
-TMinOption = Annotated[Optional[float], typer.Option(
+TMinOption = Annotated[float | None, typer.Option(
     min=0.0, help="Temperature of the last denoising step.",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["t_min"]))]
-TMaxOption = Annotated[Optional[float], typer.Option(
+TMaxOption = Annotated[float | None, typer.Option(
     min=0.0, help="Temperature of the first denoising step (must exceed --t-min).",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["t_max"]))]
-EntropyOption = Annotated[Optional[float], typer.Option(
-    callback=lambda v: _positive(v), help="Entropy budget (nats) for accepting sampled tokens each step.",
+EntropyOption = Annotated[float | None, typer.Option(
+    callback=_positive, help="Entropy budget (nats) for accepting sampled tokens each step.",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["entropy_bound"]))]
-SeedOption = Annotated[Optional[int], typer.Option(
+SeedOption = Annotated[int | None, typer.Option(
     help="Random seed for reproducible output.", show_default="a fresh seed each run")]
-SystemOption = Annotated[Optional[str], typer.Option(help="System prompt.", show_default="none")]
+SystemOption = Annotated[str | None, typer.Option(help="System prompt.", show_default="none")]
 ThinkOption = Annotated[bool, typer.Option(
     "--think/--no-think", help="Let the model think before answering.")]
-StopOption = Annotated[Optional[list[str]], typer.Option(
+StopOption = Annotated[list[str] | None, typer.Option(
     "--stop", help="End the reply where this text appears, cutting it (repeatable).", show_default="none")]
 
 
@@ -206,9 +207,9 @@ def _json_report(text: str, r: GenerationResponse | None, finish: str | None) ->
 
 @app.command()
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(
+    prompt: Annotated[str | None, typer.Argument(
         help="The prompt; '-' reads it from standard input.", show_default=False)] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option(
+    prompt_file: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="Read the prompt from this file.", show_default="none")] = None,
     model: ModelOption = None,
     max_tokens: MaxTokensOption = None,
@@ -271,12 +272,11 @@ def _deferred_interrupt():
 def _chat_reply(session: ChatSession, line: str) -> None:
     stopped = False
     try:
-        with _deferred_interrupt() as interrupt, _view(session) as view:
-            with closing(session.reply(line)) as replies:
-                for r in replies:
-                    view.update(r)
-                    if interrupt.requested:
-                        break
+        with _deferred_interrupt() as interrupt, _view(session) as view, closing(session.reply(line)) as replies:
+            for r in replies:
+                view.update(r)
+                if interrupt.requested:
+                    break
         stopped = interrupt.requested
     except KeyboardInterrupt:
         stopped = True
@@ -428,7 +428,7 @@ def convert(
     q_group_size: Annotated[int, typer.Option(help="Quantization group size (32, 64 or 128).")] = 64,
     recipe: Annotated[str, typer.Option(
         help="'mixed': experts at --q-bits, the rest at 8 bits; '8bit': everything at 8 bits.")] = "mixed",
-    dtype: Annotated[Optional[str], typer.Option(
+    dtype: Annotated[str | None, typer.Option(
         help="Float type of unquantized tensors and scales: bfloat16, float16 or float32.",
         show_default="the checkpoint's own")] = None,
     text_only: Annotated[bool, typer.Option("--text-only", help="Leave the vision tower out.")] = False,
