@@ -68,10 +68,10 @@ def sequential(model, tokenizer, puzzle: str, seed: int) -> dict:
     )
 
 
-def batched_diffusion(model, tokenizer, cases: list[tuple[str, str]], seed: int) -> list[dict]:
+def batched_diffusion(model, tokenizer, cases: list[tuple[str, str]], seed: int, **settings) -> list[dict]:
     """The sampler of `generate_step` run on a batch of puzzles (same prompt length):
     each row stops on its own stable-and-confident rule; finished rows ride along unchanged."""
-    s = GenerationSettings.resolve(model, seed=seed)
+    s = GenerationSettings.resolve(model, seed=seed, **settings)
     cache = prefill(model, tokenizer, cases)
     B, L, V = len(cases), model.args.canvas_length, model.args.vocab_size
     key = mx.random.key(seed)
@@ -148,12 +148,12 @@ def score_tokens(tokenizer, s: GenerationSettings, row: list[int], forwards: int
     )
 
 
-def accuracy(method, model, tokenizer, cases: list[tuple[str, str]], batch: int) -> dict:
+def accuracy(method, model, tokenizer, cases: list[tuple[str, str]], batch: int, **settings) -> dict:
     """Mean scores of a batched `method` over `(puzzle, solution)` cases."""
     runs = []
     for start in range(0, len(cases), batch):
         chunk = cases[start : start + batch]
-        for r, (puzzle, solution) in zip(method(model, tokenizer, chunk, seed=start), chunk):
+        for r, (puzzle, solution) in zip(method(model, tokenizer, chunk, seed=start, **settings), chunk):
             r["solved"] = sudoku.is_solved(r["answer"], puzzle)
             r["cell_accuracy"] = sudoku.cell_accuracy(r["answer"], solution, puzzle)
             runs.append(r)

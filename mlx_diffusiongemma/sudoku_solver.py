@@ -35,7 +35,8 @@ def load_solver(path=None):
 def puzzle_prompt(tokenizer, puzzle: str) -> str:
     """The chat-templated prompt asking for `puzzle` (81 characters, '.' or '0' blanks)."""
     messages = [{"role": "user", "content": sudoku.format_grid(normalize(puzzle))}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # Thinking off, stated explicitly: some tokenizer wrappers default it on.
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
 
 
 def normalize(puzzle: str) -> str:
