@@ -35,6 +35,15 @@ def model_dir(tmp_path_factory):
     return str(tiny_chat_model(tmp_path_factory.mktemp("term")))
 
 
+@pytest.fixture(scope="module")
+def endless_model_dir(tmp_path_factory):
+    """A model with no EOS id, so a reply always runs until Ctrl-C lands in it."""
+    path = tiny_chat_model(tmp_path_factory.mktemp("endless"))
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": []}))
+    return str(path)
+
+
 def child_env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR")}
     return {**env, "TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **extra}
@@ -159,7 +168,8 @@ def test_live_view_draws_each_step_then_leaves_only_the_committed_text(model_dir
     assert "step " not in screen
 
 
-def test_ctrl_c_in_generate_keeps_committed_text_and_exits_130(model_dir):
+def test_ctrl_c_in_generate_keeps_committed_text_and_exits_130(endless_model_dir):
+    model_dir = endless_model_dir
     term = Terminal([*CLI, "generate", "Hi", "-m", model_dir, "--max-tokens", "2048", "--seed", "1"])
     term.read_until("canvas 2 ")
     term.send(b"\x03")
@@ -171,8 +181,8 @@ def test_ctrl_c_in_generate_keeps_committed_text_and_exits_130(model_dir):
     assert "step " not in screen and "Traceback" not in screen
 
 
-def test_ctrl_c_mid_reply_returns_to_the_prompt_and_ctrl_d_exits_0(model_dir):
-    term = Terminal([*CLI, "chat", "-m", model_dir, "--max-tokens", "2048", "--seed", "2"])
+def test_ctrl_c_mid_reply_returns_to_the_prompt_and_ctrl_d_exits_0(endless_model_dir):
+    term = Terminal([*CLI, "chat", "-m", endless_model_dir, "--max-tokens", "2048", "--seed", "2"])
     term.read_until(">>> ")
     term.send(b"Tell me a long story\r")
     term.read_until("canvas 2 ")
