@@ -381,7 +381,12 @@ def chat(
     think: ThinkOption = False,
     stop: StopOption = None,
 ):
-    """Chat with the model. Each turn reuses the encoder cache of the conversation so far."""
+    """Chat with the model (thinking off by default).
+
+    Commands: /think on|off, /system TEXT, /reset, /stats, /quit. Ctrl-C stops a reply and
+    keeps the conversation; Ctrl-D leaves. Each turn encodes only what follows the part of
+    the conversation the encoder cache already holds.
+    """
     settings = _settings(max_tokens, steps, t_min, t_max, entropy_bound, seed)
     session = _session(model, settings, system, think, stop)
     interactive = _prepare_stdin()
