@@ -226,8 +226,9 @@ def generate(
 ):
     """Answer one prompt, built with the model's chat template.
 
-    Sampling defaults come from the model's generation_config.json. On a terminal the canvas being denoised is drawn in place and replaced by the
-    committed text; otherwise only the text is printed. Statistics go to stderr.
+    On a terminal the canvas is drawn as it resolves, then replaced by the committed text.
+    Piped, only the text is printed. Statistics go to stderr.
+    Sampling defaults come from the model's generation_config.json.
     """
     # Options are checked before the (slow) model load so a typo fails at once.
     text = _read_prompt(prompt, prompt_file)
@@ -383,9 +384,9 @@ def chat(
 ):
     """Chat with the model (thinking off by default).
 
-    Commands: /think on|off, /system TEXT, /reset, /stats, /quit. Ctrl-C stops a reply and
-    keeps the conversation; Ctrl-D leaves. Each turn encodes only what follows the part of
-    the conversation the encoder cache already holds.
+    Commands: /think on|off, /system TEXT, /reset, /stats, /quit.
+    Ctrl-C stops a reply and keeps the conversation; Ctrl-D leaves.
+    Each turn encodes only what the encoder cache does not hold yet.
     """
     settings = _settings(max_tokens, steps, t_min, t_max, entropy_bound, seed)
     session = _session(model, settings, system, think, stop)
