@@ -30,13 +30,11 @@ TINY_VISION = dict(
 )
 
 
-def tiny_config(canvas_length: int = 8, vision: bool = True, **text) -> DiffusionGemmaConfig:
-    """A small config with every architectural feature of the released model."""
-    return DiffusionGemmaConfig(
-        text_config={**TINY_TEXT, **text},
-        vision_config=TINY_VISION if vision else None,
-        canvas_length=canvas_length,
-    )
+def tiny_config(canvas_length: int = 8, **text) -> DiffusionGemmaConfig:
+    """A small config with every architectural feature of the released model. The vision
+    tower is tiny too: the reference always builds one (a default-size one when given None)."""
+    return DiffusionGemmaConfig(text_config={**TINY_TEXT, **text}, vision_config=TINY_VISION,
+                                canvas_length=canvas_length)
 
 
 def randomize(model: DiffusionGemmaForBlockDiffusion, seed: int, scale: float = 1.0) -> None:
@@ -69,10 +67,10 @@ def randomize(model: DiffusionGemmaForBlockDiffusion, seed: int, scale: float = 
 
 
 def make_reference(path: Path, seed: int = 0, canvas_length: int = 8, embed_scale: float = 1.0,
-                   vision: bool = True, shard: str = "40KB", **text) -> DiffusionGemmaForBlockDiffusion:
+                   shard: str = "40KB", **text) -> DiffusionGemmaForBlockDiffusion:
     """Build, randomize and `save_pretrained` a float32 reference model into `path`."""
     torch.manual_seed(seed)
-    model = DiffusionGemmaForBlockDiffusion(tiny_config(canvas_length, vision, **text)).eval()
+    model = DiffusionGemmaForBlockDiffusion(tiny_config(canvas_length, **text)).eval()
     randomize(model, seed, embed_scale)
     model.save_pretrained(path, max_shard_size=shard)
     return model

@@ -37,7 +37,7 @@ def test_released_generation_config_gives_the_reference_defaults():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
-    make_reference(path, seed=2, vision=False)
+    make_reference(path, seed=2)
     return path, load_model(path)
 
 

@@ -189,7 +189,7 @@ def test_bad_quantization_config(reference, tmp_path, edit, hint):
 
 def test_quantization_block_that_contradicts_the_weights(tmp_path):
     make_reference(tmp_path / "hf", seed=5, hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
-                   head_dim=64, global_head_dim=64, vocab_size=256, vision=False)
+                   head_dim=64, global_head_dim=64, vocab_size=256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = convert(tmp_path / "hf", tmp_path / "q4")
