@@ -25,7 +25,6 @@ from .chat import ChatSession, repair_text
 from .errors import UserError
 from .generate import REFERENCE_DEFAULTS, GenerationResponse, format_stats
 from .live import LiveView, PlainView
-from .loading import load
 
 EXIT_INTERRUPTED = 130
 CHAT_HELP = "/think on|off · /system TEXT · /reset · /stats · /quit   (Ctrl-C stops a reply, Ctrl-D exits)"
@@ -138,6 +137,9 @@ def _settings(max_tokens, steps, t_min, t_max, entropy_bound, seed) -> dict:
 
 
 def _load(model: str | None):
+    # Imported here so `--help` does not pay for importing mlx-lm and transformers.
+    from .loading import load
+
     if model is not None:
         return load(model)
     path = default_model_path()

@@ -13,8 +13,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchLinear
 
 from .cache import FullCache, SlidingCache
 from .errors import UserError
@@ -250,6 +248,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
         self.q_norm = RMSNorm(D, self.eps)
         self.k_norm = RMSNorm(D, self.eps)
+        # mlx-lm is imported on first use: it pulls in transformers, which would make
+        # `import mlx_diffusiongemma` (and the CLI's --help) take seconds.
+        from mlx_lm.models.rope_utils import initialize_rope
+
         rope = args.rope_parameters[args.layer_types[layer]]
         self.rope = initialize_rope(D, rope["rope_theta"], False, rope)
 
@@ -304,6 +306,8 @@ class Router(nn.Module):
 class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        from mlx_lm.models.switch_layers import SwitchLinear  # deferred: see Attention
+
         H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
         # Fused like the checkpoint: rows [0, I) are the gate, [I, 2I) the up projection.
         self.gate_up_proj = SwitchLinear(H, 2 * I, E, bias=False)
