@@ -227,7 +227,7 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     return tokenizer.encode(prompt, add_special_tokens=add_special)
 
 
-class _TextTracker:
+class CommittedText:
     """Committed text as deltas; a trailing U+FFFD (a character split across canvases) is
     held back until the next canvas completes it."""
 
@@ -249,9 +249,10 @@ class _TextTracker:
         text = self.tokenizer.decode(self.tokens)
         if not final:
             text = text.rstrip("\ufffd")
-        if not text.startswith(self.emitted):
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
+        # Decoding more tokens only appends for byte-fallback BPE; should a tokenizer ever
+        # rewrite earlier text, keep streaming rather than stall (what was shown stays).
+        delta = text[len(self.emitted):]
+        self.emitted = self.emitted + delta
         return delta
 
     def draft(self, argmax: mx.array) -> str:
@@ -263,7 +264,7 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], cache: list |
     """Generate text, yielding a `GenerationResponse` per denoising step and per committed canvas."""
     ids = encode_prompt(tokenizer, prompt)
     s = GenerationSettings.resolve(model, **settings)
-    tracker = _TextTracker(tokenizer, set(s.eos_token_ids), model.args.pad_token_id)
+    tracker = CommittedText(tokenizer, set(s.eos_token_ids), model.args.pad_token_id)
     mx.reset_peak_memory()
     prompt_tps, steps, forwards, generated = 0.0, [], 0, 0
     tic = time.perf_counter()
