@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from mlx_diffusiongemma import sudoku
 from mlx_diffusiongemma.model import Model, ModelArgs
+from mlx_diffusiongemma.sudoku_solver import CELL_TOKENS, puzzle_text
 from mlx_diffusiongemma.tokenizer import PAD_ID, TURN_END_ID, build_tokenizer, render_prompt
 from mlx_diffusiongemma.train import TrainingArgs, count_parameters, save_checkpoint, train
 
@@ -33,11 +34,13 @@ POOL_BLANKS = (44, 54)
 MIN_BLANKS = 10
 # The 89-token grid (nine rows of nine digits) plus the end-of-turn token.
 CANVAS = 90
-VOCAB = 512
-EXTRA_TOKENS = ["user", "model", "thought"]
+EXTRA_TOKENS = ["user", "model", "thought", *CELL_TOKENS]
+VOCAB = 1472  # the tokenizer's 1,462 tokens, rounded up to a multiple of 64
 ASSETS = Path(__file__).resolve().parents[1] / "mlx_diffusiongemma" / "assets" / "sudoku"
 
-LAYER_TYPES = ["sliding_attention", "full_attention"] * 2
+# A full layer first: the canvas can find its own cell's prompt token (98 positions back,
+# beyond the sliding window) before the sliding layers reason over the canvas.
+LAYER_TYPES = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
 TEXT_CONFIG = {
     "attention_bias": False,
     "attention_dropout": 0.0,
@@ -66,7 +69,7 @@ TEXT_CONFIG = {
         "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
         "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
     },
-    # Smaller than the ~100-token prompt, so sliding layers see only part of the puzzle.
+    # Smaller than the 102-token prompt, so sliding layers see only part of the puzzle.
     "sliding_window": 64,
     "tie_word_embeddings": True,
     "top_k_experts": 2,
@@ -101,12 +104,12 @@ GENERATION_CONFIG = {
 
 def prompt_text(puzzle: str) -> str:
     """The chat-templated user turn holding the puzzle, ready for the model's answer."""
-    return render_prompt([{"role": "user", "content": sudoku.format_grid(puzzle)}])
+    return render_prompt([{"role": "user", "content": puzzle_text(puzzle)}])
 
 
 def prompt_template() -> tuple[str, str]:
-    """The text around the grid in `prompt_text` (rendering the template per puzzle is slow)."""
-    marker = "\n".join(["@" * 9] * 9)
+    """The text around the puzzle in `prompt_text` (rendering the template per puzzle is slow)."""
+    marker = "@@puzzle@@"
     before, after = render_prompt([{"role": "user", "content": marker}]).split(marker)
     return before, after
 
@@ -172,7 +175,7 @@ class SudokuBatches:
         for i in self.rng.integers(0, len(self.puzzles), self.batch_size):
             blanks = int(self.rng.integers(MIN_BLANKS, self.max_blanks() + 1))
             puzzle, solution = augment(self.puzzles[i], self.solutions[i], blanks, self.rng)
-            prompts.append(sudoku.format_grid(to_grid(puzzle)).join(self.around))
+            prompts.append(puzzle_text(to_grid(puzzle)).join(self.around))
             targets.append(target_ids(self.tokenizer, to_grid(solution)))
         ids = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
         return mx.array(ids, dtype=mx.int32), mx.array(targets, dtype=mx.int32)
