@@ -33,9 +33,12 @@ def ref_cache(ref):
     return DynamicCache(config=ref.config.get_text_config(decoder=True))
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["per-expert-gemm", "gather_mm"])
 @pytest.mark.parametrize("prompt_len", [5, 15, 16, 17, 33])
-def test_decoder_logits_after_prompt(pair, prompt_len):
+def test_decoder_logits_after_prompt(pair, prompt_len, grouped, monkeypatch):
     ref, model = pair
+    # Both MoE paths: per-expert GEMMs (CPU default) and the sorted gather_mm (GPU default).
+    monkeypatch.setattr(model, "moe_grouped", grouped)
     rng = np.random.RandomState(prompt_len)
     prompt = rng.randint(0, 160, (1, prompt_len))
     canvas = rng.randint(0, 160, (1, 8))
