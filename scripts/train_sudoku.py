@@ -187,7 +187,7 @@ def target_ids(tokenizer: Tokenizer, solution: str) -> list[int]:
     return ids + [PAD_ID] * (CANVAS - len(ids))
 
 
-def init_model(seed: int) -> Model:
+def init_model(seed: int, tokenizer: Tokenizer) -> Model:
     """A freshly initialized model; q/k norms start at D**-0.25 so that attention (scale
     1.0) starts with the usual 1/sqrt(D) temperature instead of saturating."""
     mx.random.seed(seed)
@@ -196,8 +196,26 @@ def init_model(seed: int) -> Model:
         attn = layer.self_attn
         for norm in (attn.q_norm, attn.k_norm):
             norm.weight = mx.full(norm.weight.shape, attn.head_dim ** -0.25)
+    init_cell_embeddings(model, tokenizer)
     mx.eval(model.parameters())
     return model
+
+
+def init_cell_embeddings(model: Model, tokenizer: Tokenizer) -> None:
+    """Start each cell token's embedding as (its value's character + a random row, column
+    and box direction) / 2, so that copying a given and matching peers work from step one
+    instead of being learned separately for each of the 810 cell tokens."""
+    embed = model.model.decoder.embed_tokens
+    table = np.array(embed.weight)
+    rng = np.random.default_rng(SEED)
+    row, col, box = (rng.normal(0, table.shape[1] ** -0.5, (9, table.shape[1])) for _ in range(3))
+    for r in range(9):
+        for c in range(9):
+            where = row[r] + col[c] + box[r // 3 * 3 + c // 3]
+            for v in sudoku.DIGITS + sudoku.BLANK:
+                token = tokenizer.token_to_id(f"r{r + 1}c{c + 1}={v}")
+                table[token] = (table[tokenizer.token_to_id(v)] + where) / 2
+    embed.weight = mx.array(table.astype(np.float32))
 
 
 def save_hf(model: Model, out: Path, tokenizer_dir: Path) -> Path:
@@ -243,7 +261,7 @@ def main():
     tic = time.perf_counter()
     pool = sudoku.make_dataset(POOL_SEED, args.pool_size, POOL_BLANKS)
     print(f"generated {len(pool)} puzzles in {time.perf_counter() - tic:.0f}s", flush=True)
-    model = init_model(SEED)
+    model = init_model(SEED, tokenizer)
     print(f"{count_parameters(model) / 1e6:.2f}M parameters", flush=True)
     targs = TrainingArgs(
         steps=args.steps, learning_rate=args.learning_rate, warmup_steps=min(200, args.steps // 10),
