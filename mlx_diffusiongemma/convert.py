@@ -266,6 +266,7 @@ def convert(
     """
     check_settings(q_bits, q_group_size, recipe, dtype)
     source = open_source(hf_path, text_only)
+    _check_output(Path(mlx_path), source.path)
     dtype = dtype or default_dtype(source.config)
     plans = plan_conversion(
         source.model, source.infos, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
@@ -285,6 +286,13 @@ def convert(
         except KeyboardInterrupt as e:
             raise KeyboardInterrupt(f"conversion interrupted; nothing was written to {mlx_path}; run it again") from e
     return Path(mlx_path).expanduser().resolve()
+
+
+def _check_output(out: Path, source: Path) -> None:
+    # Replacing the output must never delete the checkpoint being read.
+    out, source = out.expanduser().resolve(), source.resolve()
+    if source.is_relative_to(out):
+        raise UserError(f"output directory {out} contains the input checkpoint {source}; choose another output directory")
 
 
 def _files_to_copy(path: Path) -> list[Path]:

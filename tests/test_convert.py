@@ -441,6 +441,19 @@ def test_bad_settings(bad, kwargs, hint):
     assert hint in convert_error(bad, **kwargs)
 
 
+def test_output_that_would_replace_the_input_is_refused(bad):
+    for out in (bad, bad.parent):
+        with pytest.raises(UserError, match="contains the input checkpoint"):
+            convert(bad, out, overwrite=True)
+    assert (bad / "config.json").exists()
+
+
+def test_rich_progress_bar_goes_to_stderr(reference, tmp_path, capsys):
+    convert(reference[0], tmp_path / "out", quantize=False, progress="rich")
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Converting" in captured.err and "MB" in captured.err
+
+
 def test_interrupted_conversion_leaves_nothing(bad):
     def interrupt(done, total):
         raise KeyboardInterrupt
