@@ -18,6 +18,10 @@ MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model",
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+class MemoryWarning(UserWarning):
+    """The model's weights may not fit in this machine's memory."""
+
+
 def read_json(path: Path, required: bool = True) -> dict | None:
     """Parse a JSON file, turning every failure into a one-line UserError."""
     if not path.is_file():
@@ -96,7 +100,7 @@ def load_model(path, text_only: bool = False, lazy: bool = False) -> Model:
     by `mlx_diffusiongemma.convert`, and mlx-vlm conversions. Every header is checked
     (names, shapes, dtypes) before any weight is read. `text_only` leaves the vision tower
     out: its tensors are never read. With `lazy`, weights are read when first used. Emits
-    a `ResourceWarning` when the weights need more than ~90% of this machine's memory.
+    a `MemoryWarning` when the weights need more than ~90% of this machine's memory.
     """
     model_dir = resolve_model_path(path, MODEL_PATTERNS)
     config = read_json(model_dir / "config.json")
@@ -110,7 +114,7 @@ def load_model(path, text_only: bool = False, lazy: bool = False) -> Model:
     check_tensors(infos, expected_shapes(model), quantized=bool(quantization), explain=model.explain_shape)
     warning = estimate_memory_warning(checkpoint_bytes(infos))
     if warning:
-        warnings.warn(warning, ResourceWarning, stacklevel=2)
+        warnings.warn(warning, MemoryWarning, stacklevel=2)
     model.load_weights(list(_read_weights(model, infos).items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())

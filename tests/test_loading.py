@@ -20,6 +20,7 @@ import mlx_diffusiongemma.checkpoint as checkpoint
 from mlx_diffusiongemma import UserError, load, load_model
 from mlx_diffusiongemma.checkpoint import INDEX_NAME
 from mlx_diffusiongemma.convert import convert
+from mlx_diffusiongemma.loading import MemoryWarning
 from reference import make_reference
 
 VOCAB = 160
@@ -109,7 +110,7 @@ def test_converted_4bit_model_loads_lazily(tmp_path):
 
 def test_memory_warning(reference, monkeypatch):
     monkeypatch.setattr(checkpoint, "physical_memory_bytes", lambda: 1_000_000)
-    with pytest.warns(ResourceWarning, match="GB of memory"):
+    with pytest.warns(MemoryWarning, match="GB of memory"):
         load_model(reference[0], text_only=True, lazy=True)
 
 
