@@ -38,9 +38,10 @@ EXTRA_TOKENS = ["user", "model", "thought", *CELL_TOKENS]
 VOCAB = 1472  # the tokenizer's 1,462 tokens, rounded up to a multiple of 64
 ASSETS = Path(__file__).resolve().parents[1] / "mlx_diffusiongemma" / "assets" / "sudoku"
 
-# A full layer first: the canvas can find its own cell's prompt token (98 positions back,
-# beyond the sliding window) before the sliding layers reason over the canvas.
-LAYER_TYPES = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+# Layer 1 (full) lets each canvas position fetch its own cell's prompt token, 98 positions
+# back and beyond the sliding window. It cannot be layer 0: there a noised position's query
+# is a bias-free projection of a random token, so it cannot ask for a fixed offset.
+LAYER_TYPES = ["sliding_attention", "full_attention"] * 2
 TEXT_CONFIG = {
     "attention_bias": False,
     "attention_dropout": 0.0,
@@ -250,12 +251,18 @@ def parse_args():
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-ship", action="store_true", help="skip conversion and copying into the package")
+    parser.add_argument("--ship-only", action="store_true",
+                        help="skip training: refresh OUT/hf/generation_config.json, convert and ship OUT/hf")
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
     out = args.out
+    if args.ship_only:
+        (out / "hf" / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+        ship(out / "hf", out)
+        return
     tok_dir = build_tokenizer(out / "tokenizer", EXTRA_TOKENS, VOCAB)
     tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     tic = time.perf_counter()
