@@ -97,7 +97,7 @@ class Source:
     infos: dict[str, TensorInfo]
 
 
-def open_source(hf_path, text_only: bool = False) -> Source:
+def read_source(hf_path, text_only: bool = False) -> Source:
     """Find a checkpoint (directory or Hub id) and validate its config and every header.
 
     The model is built from `config.json` without materializing weights (MLX arrays are
@@ -114,12 +114,15 @@ def open_source(hf_path, text_only: bool = False) -> Source:
 
 
 def _refuse_quantized(path: Path, config: dict) -> None:
-    if isinstance(config, dict) and config.get("quantization"):
+    if not isinstance(config, dict):
+        return  # ModelArgs.from_config names the problem
+    if config.get("quantization"):
         raise UserError(
             f"{path / 'config.json'} has a \"quantization\" block: this is already an MLX conversion; "
             "load it directly (no conversion needed) or convert the bf16 release"
         )
-    method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
+    hf_quant = config.get("quantization_config")
+    method = hf_quant.get("quant_method") if isinstance(hf_quant, dict) else None
     if method:
         raise UserError(
             f"{path / 'config.json'}: checkpoints quantized with quant_method {method!r} are not supported; "
@@ -265,24 +268,23 @@ def convert(
     Returns the output directory. On any failure no output directory is left behind.
     """
     check_settings(q_bits, q_group_size, recipe, dtype)
-    source = open_source(hf_path, text_only)
+    source = read_source(hf_path, text_only)
     _check_output(Path(mlx_path), source.path)
     dtype = dtype or default_dtype(source.config)
     plans = plan_conversion(
         source.model, source.infos, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
         recipe=recipe, dtype=dtype,
     )
-    shards = shard_plans(plans, max_shard_bytes)
+    config = _output_config(source, quantization_block(plans, recipe_default(q_bits, q_group_size, recipe)), dtype)
     copied = _files_to_copy(source.path)
     needed = sum(p.nbytes for p in plans) + sum(f.stat().st_size for f in copied) + 2**20
     with _progress_hook(progress) as hook:
         try:
             with atomic_output_dir(mlx_path, overwrite, needed_bytes=needed) as out:
                 _copy_files(copied, out)
-                weight_map = write_shards(out, shards, hook)
+                weight_map = write_shards(out, shard_plans(plans, max_shard_bytes), hook)
                 _write_index(out, weight_map, sum(p.nbytes for p in plans))
-                block = quantization_block(plans, recipe_default(q_bits, q_group_size, recipe))
-                _write_config(out / "config.json", source, block, dtype)
+                (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: marks completion
         except KeyboardInterrupt as e:
             raise KeyboardInterrupt(f"conversion interrupted; nothing was written to {mlx_path}; run it again") from e
     return Path(mlx_path).expanduser().resolve()
@@ -418,7 +420,7 @@ def _write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_config(path: Path, source: Source, block: dict | None, dtype: str) -> None:
+def _output_config(source: Source, block: dict | None, dtype: str) -> dict:
     config = dict(source.config)
     config["dtype"] = dtype
     if "vision_tower" not in source.model.model.encoder:
@@ -427,4 +429,4 @@ def _write_config(path: Path, source: Source, block: dict | None, dtype: str) ->
         # mlx-lm and mlx-vlm write both keys; Hugging Face tooling reads the second.
         config["quantization"] = block
         config["quantization_config"] = block
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    return config

@@ -80,7 +80,8 @@ def _quantization_defaults(quantization: dict) -> dict:
 
 
 def _refuse_foreign_quantization(config: dict) -> None:
-    method = (config.get("quantization_config") or {}).get("quant_method")
+    hf_quant = config.get("quantization_config")
+    method = hf_quant.get("quant_method") if isinstance(hf_quant, dict) else None
     if method and not config.get("quantization"):
         raise UserError(
             f"config.json: checkpoints quantized with quant_method {method!r} are not supported; "

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 import mlx_diffusiongemma.convert as convert_module
 from mlx_diffusiongemma import UserError, load_model
 from mlx_diffusiongemma.checkpoint import INDEX_NAME, list_checkpoint, read_header
-from mlx_diffusiongemma.convert import convert, open_source, plan_conversion, quantization_block, recipe_default
+from mlx_diffusiongemma.convert import convert, read_source, plan_conversion, quantization_block, recipe_default
 from reference import make_reference, to_numpy
 from test_checkpoint import RELEASE, released_checkpoint
 
@@ -223,7 +223,7 @@ def release_dir(tmp_path_factory):
 
 
 def test_released_index_passes_validation_and_plans_a_4bit_model(release_dir):
-    source = open_source(release_dir)
+    source = read_source(release_dir)
     assert len(source.infos) == 1047
     plans = plan_conversion(source.model, source.infos)
     bits = {p.name: (p.quant or {}).get("bits") for p in plans}
@@ -235,18 +235,18 @@ def test_released_index_passes_validation_and_plans_a_4bit_model(release_dir):
     assert not any(b for name, b in bits.items() if "vision" in name or "norm" in name)
     total = sum(p.nbytes for p in plans)
     assert 16.4e9 < total < 16.7e9  # 15.4 GB of text weights + 1.15 GB of bf16 vision tower
-    text = open_source(release_dir, text_only=True)
+    text = read_source(release_dir, text_only=True)
     assert len(text.infos) == 691 and sum(p.nbytes for p in plan_conversion(text.model, text.infos)) < 15.5e9
 
 
 def test_released_group_size_128_is_refused_by_name(release_dir):
-    source = open_source(release_dir, text_only=True)
+    source = read_source(release_dir, text_only=True)
     with pytest.raises(UserError, match=r"experts.down_proj: its input dimension 704 .* group size 128; use q_group_size 32 or 64"):
         plan_conversion(source.model, source.infos, q_group_size=128)
 
 
 def test_quantization_block_lists_only_layers_that_differ(release_dir):
-    source = open_source(release_dir, text_only=True)
+    source = read_source(release_dir, text_only=True)
     plans = plan_conversion(source.model, source.infos, q_bits=3)
     block = quantization_block(plans, recipe_default(3, 64, "mixed"))
     assert block["bits"] == 3 and len(block) == 3 + 239  # 8-bit layers: 30 x 7 + embed + 3 self-cond + 25 v_proj
