@@ -25,10 +25,6 @@ from .loading import load
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "sudoku"
 UNKNOWN = "?"
-# The puzzle is written one token per cell, naming the cell: "r3c7=5", "r3c8=." (blank).
-# The model has only relative (RoPE) positions; tokens that carry their cell let it find
-# a cell's row, column and box peers by content instead of by counting offsets.
-CELL_TOKENS = [f"r{r}c{c}={v}" for r in range(1, 10) for c in range(1, 10) for v in sudoku.DIGITS + sudoku.BLANK]
 
 
 def load_solver(path=None):
@@ -36,16 +32,9 @@ def load_solver(path=None):
     return load(DEFAULT_MODEL if path is None else path)
 
 
-def puzzle_text(puzzle: str) -> str:
-    """The user turn: nine lines of nine cell tokens ("r1c1=5r1c2=....")."""
-    cells = normalize(puzzle)
-    rows = ("".join(f"r{r + 1}c{c + 1}={cells[r * 9 + c]}" for c in range(9)) for r in range(9))
-    return "\n".join(rows)
-
-
 def puzzle_prompt(tokenizer, puzzle: str) -> str:
     """The chat-templated prompt asking for `puzzle` (81 characters, '.' or '0' blanks)."""
-    messages = [{"role": "user", "content": puzzle_text(puzzle)}]
+    messages = [{"role": "user", "content": sudoku.format_grid(normalize(puzzle))}]
     # Thinking off, stated explicitly: some tokenizer wrappers default it on.
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
 

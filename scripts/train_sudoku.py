@@ -24,7 +24,6 @@ from tokenizers import Tokenizer
 
 from mlx_diffusiongemma import sudoku
 from mlx_diffusiongemma.model import Model, ModelArgs
-from mlx_diffusiongemma.sudoku_solver import CELL_TOKENS, puzzle_text
 from mlx_diffusiongemma.tokenizer import PAD_ID, TURN_END_ID, build_tokenizer, render_prompt
 from mlx_diffusiongemma.train import TrainingArgs, count_parameters, save_checkpoint, train
 
@@ -34,13 +33,11 @@ POOL_BLANKS = (44, 54)
 MIN_BLANKS = 10
 # The 89-token grid (nine rows of nine digits) plus the end-of-turn token.
 CANVAS = 90
-EXTRA_TOKENS = ["user", "model", "thought", *CELL_TOKENS]
-VOCAB = 1472  # the tokenizer's 1,462 tokens, rounded up to a multiple of 64
+VOCAB = 512
+EXTRA_TOKENS = ["user", "model", "thought"]
 ASSETS = Path(__file__).resolve().parents[1] / "mlx_diffusiongemma" / "assets" / "sudoku"
 
-# Layer 1 (full) lets each canvas position fetch its own cell's prompt token, 98 positions
-# back and beyond the sliding window. It cannot be layer 0: there a noised position's query
-# is a bias-free projection of a random token, so it cannot ask for a fixed offset.
+SLIDING_THETA = (10 / (2 * math.pi)) ** 16  # about 1694.8; frequency k is theta ** (-k / 32)
 LAYER_TYPES = ["sliding_attention", "full_attention"] * 2
 TEXT_CONFIG = {
     "attention_bias": False,
@@ -68,9 +65,11 @@ TEXT_CONFIG = {
     "rms_norm_eps": 1e-06,
     "rope_parameters": {
         "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
-        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        # Rows are 10 tokens apart (nine cells and a newline): this theta makes one of the
+        # 32 rotary frequencies exactly 2*pi/10, so "same column" is one frequency.
+        "sliding_attention": {"rope_theta": SLIDING_THETA, "rope_type": "default"},
     },
-    # Smaller than the 102-token prompt, so sliding layers see only part of the puzzle.
+    # Smaller than the ~100-token prompt, so sliding layers see only part of the puzzle.
     "sliding_window": 64,
     "tie_word_embeddings": True,
     "top_k_experts": 2,
@@ -105,12 +104,12 @@ GENERATION_CONFIG = {
 
 def prompt_text(puzzle: str) -> str:
     """The chat-templated user turn holding the puzzle, ready for the model's answer."""
-    return render_prompt([{"role": "user", "content": puzzle_text(puzzle)}])
+    return render_prompt([{"role": "user", "content": sudoku.format_grid(puzzle)}])
 
 
 def prompt_template() -> tuple[str, str]:
-    """The text around the puzzle in `prompt_text` (rendering the template per puzzle is slow)."""
-    marker = "@@puzzle@@"
+    """The text around the grid in `prompt_text` (rendering the template per puzzle is slow)."""
+    marker = "\n".join(["@" * 9] * 9)
     before, after = render_prompt([{"role": "user", "content": marker}]).split(marker)
     return before, after
 
@@ -176,7 +175,7 @@ class SudokuBatches:
         for i in self.rng.integers(0, len(self.puzzles), self.batch_size):
             blanks = int(self.rng.integers(MIN_BLANKS, self.max_blanks() + 1))
             puzzle, solution = augment(self.puzzles[i], self.solutions[i], blanks, self.rng)
-            prompts.append(puzzle_text(to_grid(puzzle)).join(self.around))
+            prompts.append(sudoku.format_grid(to_grid(puzzle)).join(self.around))
             targets.append(target_ids(self.tokenizer, to_grid(solution)))
         ids = [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
         return mx.array(ids, dtype=mx.int32), mx.array(targets, dtype=mx.int32)
@@ -188,7 +187,7 @@ def target_ids(tokenizer: Tokenizer, solution: str) -> list[int]:
     return ids + [PAD_ID] * (CANVAS - len(ids))
 
 
-def init_model(seed: int, tokenizer: Tokenizer) -> Model:
+def init_model(seed: int) -> Model:
     """A freshly initialized model; q/k norms start at D**-0.25 so that attention (scale
     1.0) starts with the usual 1/sqrt(D) temperature instead of saturating."""
     mx.random.seed(seed)
@@ -197,26 +196,8 @@ def init_model(seed: int, tokenizer: Tokenizer) -> Model:
         attn = layer.self_attn
         for norm in (attn.q_norm, attn.k_norm):
             norm.weight = mx.full(norm.weight.shape, attn.head_dim ** -0.25)
-    init_cell_embeddings(model, tokenizer)
     mx.eval(model.parameters())
     return model
-
-
-def init_cell_embeddings(model: Model, tokenizer: Tokenizer) -> None:
-    """Start each cell token's embedding as (its value's character + a random row, column
-    and box direction) / 2, so that copying a given and matching peers work from step one
-    instead of being learned separately for each of the 810 cell tokens."""
-    embed = model.model.decoder.embed_tokens
-    table = np.array(embed.weight)
-    rng = np.random.default_rng(SEED)
-    row, col, box = (rng.normal(0, table.shape[1] ** -0.5, (9, table.shape[1])) for _ in range(3))
-    for r in range(9):
-        for c in range(9):
-            where = row[r] + col[c] + box[r // 3 * 3 + c // 3]
-            for v in sudoku.DIGITS + sudoku.BLANK:
-                token = tokenizer.token_to_id(f"r{r + 1}c{c + 1}={v}")
-                table[token] = (table[tokenizer.token_to_id(v)] + where) / 2
-    embed.weight = mx.array(table.astype(np.float32))
 
 
 def save_hf(model: Model, out: Path, tokenizer_dir: Path) -> Path:
@@ -268,7 +249,7 @@ def main():
     tic = time.perf_counter()
     pool = sudoku.make_dataset(POOL_SEED, args.pool_size, POOL_BLANKS)
     print(f"generated {len(pool)} puzzles in {time.perf_counter() - tic:.0f}s", flush=True)
-    model = init_model(SEED, tokenizer)
+    model = init_model(SEED)
     print(f"{count_parameters(model) / 1e6:.2f}M parameters", flush=True)
     targs = TrainingArgs(
         steps=args.steps, learning_rate=args.learning_rate, warmup_steps=min(200, args.steps // 10),
