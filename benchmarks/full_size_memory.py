@@ -8,12 +8,13 @@ of a full 256-token canvas. Needs ~16 GB of free memory: run it alone.
 
     python benchmarks/full_size_memory.py                  # the real thing (Mac / GPU)
     python benchmarks/full_size_memory.py --build-only     # weights resident, no forward
-    python benchmarks/full_size_memory.py --layers 2 --dtype float32
+    python benchmarks/full_size_memory.py --layers 2       # activations, on a slow CPU
 
-On a CPU without fast bf16 quantized kernels the 30-layer forward takes hours; there the
-last form measures the activations' share of the peak on the full-width model cut to
-two layers (one sliding, one full; activations do not grow with depth), with float32
-activations and scales, which need at least as much memory as bfloat16 ones.
+On a CPU without fast bf16 quantized kernels the 30-layer forward takes hours; there
+`--layers 2` measures the activations' share of the peak on the full-width model cut to
+two layers (one sliding, one full; activations do not grow with depth) and `--build-only`
+the weights of all 30. Float32 (`--dtype float32`) runs ~10x faster on such a CPU but its
+activations differ from bf16 ones.
 """
 
 import argparse
