@@ -460,6 +460,25 @@ def convert(
     print(f"converted model written to {out}")
 
 
+@app.command()
+def sudoku(
+    puzzle: Annotated[str | None, typer.Option(
+        help="81 cells row by row, '.' or '0' for blanks.", show_default="a generated one")] = None,
+    blanks: Annotated[int, typer.Option(min=0, max=60, help="Blanks in a generated puzzle.")] = 40,
+    seed: Annotated[int | None, typer.Option(help="Seed of the generated puzzle.", show_default="random")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="A Sudoku model directory.", show_default="the one shipped in the package")] = None,
+):
+    """Solve a Sudoku with the small DiffusionGemma shipped in the package, watching the grid resolve."""
+    from . import sudoku_solver
+
+    argv = ["--blanks", str(blanks)]
+    for flag, value in (("--puzzle", puzzle), ("--seed", seed), ("--model", model)):
+        if value is not None:
+            argv += [flag, str(value)]
+    raise typer.Exit(sudoku_solver.main(argv))
+
+
 def main() -> None:
     """Entry point of the `mlx-diffusiongemma` script."""
     app()
