@@ -38,6 +38,8 @@ EXTRA_TOKENS = ["user", "model", "thought"]
 ASSETS = Path(__file__).resolve().parents[1] / "mlx_diffusiongemma" / "assets" / "sudoku"
 
 SLIDING_THETA = (10 / (2 * math.pi)) ** 16  # about 1694.8; frequency k is theta ** (-k / 32)
+# Full layers rotate 16 of 64 frequency pairs, theta ** (-k / 64): frequency 2 is 2*pi/10 too.
+FULL_THETA = (10 / (2 * math.pi)) ** 32
 LAYER_TYPES = ["sliding_attention", "full_attention"] * 2
 TEXT_CONFIG = {
     "attention_bias": False,
@@ -64,7 +66,7 @@ TEXT_CONFIG = {
     "pad_token_id": PAD_ID,
     "rms_norm_eps": 1e-06,
     "rope_parameters": {
-        "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+        "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": FULL_THETA, "rope_type": "proportional"},
         # Rows are 10 tokens apart (nine cells and a newline): this theta makes one of the
         # 32 rotary frequencies exactly 2*pi/10, so "same column" is one frequency.
         "sliding_attention": {"rope_theta": SLIDING_THETA, "rope_type": "default"},
@@ -225,7 +227,7 @@ def ship(hf_dir: Path, out: Path) -> None:
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/sudoku"))
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--pool-size", type=int, default=2000, help="generated puzzles to augment from")
