@@ -11,6 +11,7 @@ the model answers with the completed grid in one canvas, denoised in parallel:
 import argparse
 import random
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -113,7 +114,7 @@ def status_line(r: GenerationResponse) -> str:
 def show_solve(puzzle: str, model, tokenizer, console: Console, live: bool, **settings) -> str | None:
     """Solve while drawing the canvas resolving (on a terminal); return the answer grid."""
     text, last = "", None
-    with Live(console=console, auto_refresh=False, transient=False) if live else _Nothing() as view:
+    with Live(console=console, auto_refresh=False) if live else nullcontext() as view:
         for last in stream_solve(puzzle, model, tokenizer, **settings):
             text += last.text
             if live:
@@ -128,14 +129,6 @@ def show_solve(puzzle: str, model, tokenizer, console: Console, live: bool, **se
             style="dim",
         )
     return answer
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def parse_args(argv):
