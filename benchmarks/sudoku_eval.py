@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.utils import dequantize_model
 
 from mlx_diffusiongemma import sudoku
 from mlx_diffusiongemma.generate import GenerationSettings, encode_prompt
@@ -157,7 +158,9 @@ def accuracy(method, model, tokenizer, cases: list[tuple[str, str]], batch: int,
             r["solved"] = sudoku.is_solved(r["answer"], puzzle)
             r["cell_accuracy"] = sudoku.cell_accuracy(r["answer"], solution, puzzle)
             runs.append(r)
-    return mean(runs, ("solved", "cell_accuracy", "steps", "tokens_per_forward", "forwards"))
+    summary = mean(runs, ("solved", "cell_accuracy", "steps", "tokens_per_forward", "forwards"))
+    # Per puzzle, so runs over different numbers of the same puzzles can be compared.
+    return {**summary, "solved_each": [bool(r["solved"]) for r in runs]}
 
 
 def timing(method, model, tokenizer, cases: list[tuple[str, str]]) -> dict:
@@ -183,6 +186,9 @@ def parse_args():
                         help="puzzles per blank count for the sequential baseline (first model only)")
     parser.add_argument("--timed", type=int, default=10,
                         help="puzzles per blank count timed one at a time (first model only)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="run quantized models on their dequantized weights (same values in float32; "
+                             "MLX's CPU quantized matmul is several times slower)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sudoku.json"))
     return parser.parse_args()
 
@@ -203,6 +209,8 @@ def timing_row(name: str, blanks: int, d: dict, q: dict) -> str:
 
 def run_model(k: int, name: str, path: str, args) -> list[dict]:
     model, tokenizer = load(path)
+    if args.dequantize:
+        model = dequantize_model(model)
     results = []
     for blanks in args.blanks:
         cases = puzzles(blanks, max(args.n, args.sequential, args.timed))

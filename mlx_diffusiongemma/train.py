@@ -63,10 +63,11 @@ def encode_prompt(model, prompt_ids: mx.array) -> list:
     scalars = model.model.encoder.language_model.layers
     x = decoder.embed(prompt_ids)
     last = len(model.layers) - 1
+    grouped = getattr(model, "moe_grouped", False)
     for i, (layer, c) in enumerate(zip(model.layers, cache)):
         x = layer.attend(x, c, decoding=False)
         if i < last:
-            x = layer.feed_forward(x, scalars[i].layer_scalar)
+            x = layer.feed_forward(x, scalars[i].layer_scalar, grouped)
     return cache
 
 
@@ -172,9 +173,10 @@ def train(
     """
     make_trainable(model)
     model.train()
-    # Host-side expert grouping (a CPU inference speed-up) cannot run inside mx.compile.
+    # Host-side expert grouping (per-expert GEMMs, faster on CPU) cannot run inside
+    # mx.compile; uncompiled training keeps it.
     grouped = getattr(model, "moe_grouped", False)
-    model.moe_grouped = False
+    model.moe_grouped = grouped and not args.compile
     optimizer = make_optimizer(args)
     step = make_step(model, optimizer, args)
     rng = random.Random(args.seed)

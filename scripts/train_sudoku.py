@@ -30,7 +30,8 @@ from mlx_diffusiongemma.train import TrainingArgs, count_parameters, save_checkp
 SEED = 20260501
 POOL_SEED = 1
 POOL_BLANKS = (44, 54)
-MIN_BLANKS = 10
+# Easier puzzles add little: a partly clean canvas already shows the model nearly solved grids.
+MIN_BLANKS = 20
 # The 89-token grid (nine rows of nine digits) plus the end-of-turn token.
 CANVAS = 90
 VOCAB = 512
@@ -227,12 +228,13 @@ def ship(hf_dir: Path, out: Path) -> None:
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/sudoku"))
-    parser.add_argument("--steps", type=int, default=1400)
+    parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--pool-size", type=int, default=2000, help="generated puzzles to augment from")
     parser.add_argument("--save-every", type=int, default=250)
-    parser.add_argument("--no-compile", action="store_true")
+    # On CPU, uncompiled training with per-expert GEMMs is ~10% faster than compiled gather_mm.
+    parser.add_argument("--compile", action="store_true", help="compile the training step (faster on GPU)")
     parser.add_argument("--no-ship", action="store_true", help="skip conversion and copying into the package")
     parser.add_argument("--ship-only", action="store_true",
                         help="skip training: refresh OUT/hf/generation_config.json, convert and ship OUT/hf")
@@ -255,7 +257,7 @@ def main():
     print(f"{count_parameters(model) / 1e6:.2f}M parameters", flush=True)
     targs = TrainingArgs(
         steps=args.steps, learning_rate=args.learning_rate, warmup_steps=min(200, args.steps // 10),
-        seed=SEED, compile=not args.no_compile,
+        seed=SEED, compile=args.compile,
     )
     batches = SudokuBatches(tokenizer, pool, args.batch_size, ramp_steps=int(0.4 * args.steps), seed=SEED)
     log = (out / "train_log.jsonl").open("a")
