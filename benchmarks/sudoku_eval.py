@@ -8,8 +8,11 @@ noise and each forward commits the argmax of the next position only (its logits,
 the sampler's last temperature, self-condition the next forward).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \\
-    python benchmarks/sudoku_eval.py --n 500 --sequential 100 \\
+    python benchmarks/sudoku_eval.py --n 500 --sequential 200 --dequantize \\
         --model unquantized=runs/sudoku/hf --model 4-bit=mlx_diffusiongemma/assets/sudoku
+
+(benchmarks/README.md splits this into parallel runs; the sequential baseline and the
+timing use the first model only.)
 """
 
 import argparse
