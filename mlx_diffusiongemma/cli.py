@@ -25,6 +25,7 @@ from .chat import ChatSession, repair_text
 from .errors import UserError
 from .generate import REFERENCE_DEFAULTS, GenerationResponse, format_stats
 from .live import LiveView, PlainView
+from .sudoku import DEFAULT_BLANKS, MAX_BLANKS
 
 EXIT_INTERRUPTED = 130
 CHAT_HELP = "/think on|off · /system TEXT · /reset · /stats · /quit   (Ctrl-C stops a reply, Ctrl-D exits)"
@@ -464,7 +465,9 @@ def convert(
 def sudoku(
     puzzle: Annotated[str | None, typer.Option(
         help="81 cells row by row, '.' or '0' for blanks.", show_default="a generated one")] = None,
-    blanks: Annotated[int, typer.Option(min=0, max=60, help="Blanks in a generated puzzle (the shipped model solves most at 30, few at 40+).")] = 30,
+    blanks: Annotated[int, typer.Option(
+        min=0, max=MAX_BLANKS, help="Blanks in a generated puzzle (the shipped model solves most at 30, few at 40+).",
+    )] = DEFAULT_BLANKS,
     seed: Annotated[int | None, typer.Option(help="Seed of the generated puzzle.", show_default="random")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="A Sudoku model directory.", show_default="the one shipped in the package")] = None,

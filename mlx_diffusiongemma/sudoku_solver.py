@@ -137,7 +137,8 @@ def parse_args(argv):
         description="Solve a Sudoku with the small DiffusionGemma shipped in the package.",
     )
     parser.add_argument("--puzzle", help="81 cells row by row, '.' or '0' for blanks (default: generate one)")
-    parser.add_argument("--blanks", type=int, default=30, help="blanks in a generated puzzle (default 30)")
+    parser.add_argument("--blanks", type=int, default=sudoku.DEFAULT_BLANKS,
+                        help=f"blanks in a generated puzzle (default {sudoku.DEFAULT_BLANKS})")
     parser.add_argument("--seed", type=int, default=None, help="seed of the generated puzzle")
     parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the denoising sampler")
     parser.add_argument("--model", default=None, help="a Sudoku model directory (default: the shipped one)")
