@@ -84,7 +84,11 @@ def test_float32_conversion_matches_the_reference(reference, converted):
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor(prompt), past_key_values=DynamicCache(config=ref.config.get_text_config(decoder=True)),
                      decoder_input_ids=torch.tensor(canvas)).logits
-    assert np.abs(ours - to_numpy(theirs)).max() < 1e-4
+    theirs = to_numpy(theirs)
+    # Float32 noise, not a port error: on these logits (|x| up to ~30) the reference in float32
+    # differs from itself in float64 by up to 1.2e-4, the port by the same, and another CPU's
+    # kernels gave 7e-4. A conversion bug (a transpose, a norm offset) moves logits by > 0.1.
+    assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
 
 
 def test_output_layout(reference, converted):
