@@ -22,7 +22,7 @@ import mlx_diffusiongemma.convert as convert_module
 from mlx_diffusiongemma import UserError, load_model
 from mlx_diffusiongemma.checkpoint import INDEX_NAME, list_checkpoint, read_header
 from mlx_diffusiongemma.convert import convert, read_source, plan_conversion, quantization_block, recipe_default
-from reference import make_reference, to_numpy
+from reference import make_reference, relative_error, to_numpy
 from test_checkpoint import RELEASE, released_checkpoint
 
 # Dimensions that are multiples of 64, so every text layer really gets quantized.
@@ -84,11 +84,7 @@ def test_float32_conversion_matches_the_reference(reference, converted):
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor(prompt), past_key_values=DynamicCache(config=ref.config.get_text_config(decoder=True)),
                      decoder_input_ids=torch.tensor(canvas)).logits
-    theirs = to_numpy(theirs)
-    # Float32 noise, not a port error: on these logits (|x| up to ~30) the reference in float32
-    # differs from itself in float64 by up to 1.2e-4, the port by the same, and another CPU's
-    # kernels gave 7e-4. A conversion bug (a transpose, a norm offset) moves logits by > 0.1.
-    assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
+    assert relative_error(ours, to_numpy(theirs)) < 1e-4
 
 
 def test_output_layout(reference, converted):
