@@ -90,17 +90,22 @@ CONFIG = {
     "transformers_version": "5.23.0",
     "vision_config": None,
 }
-# Sampler defaults for this task (the reference's are for open-ended chat).
+# Sampler defaults for this task (the reference's are for open-ended chat). Sampling hot,
+# from temperature 2.0 down to 1.0, keeps the canvas exploring instead of settling on an early
+# wrong digit: on 100 tuning puzzles (not the evaluation's) 49% solved at 40 blanks against 33%
+# at 0.8 -> 0.4, and 92% against 88% at 30; colder (0.3 -> 0.1) halves the 40-blank rate and
+# 3.0 -> 1.0 is too hot (26%). The looser stop (mean entropy 0.05) saves a quarter of the steps
+# at 30 blanks with the same solves.
 GENERATION_CONFIG = {
-    "confidence_threshold": 0.005,
+    "confidence_threshold": 0.05,
     "eos_token_id": [1, TURN_END_ID, 50],
     "max_denoising_steps": 32,
     "max_new_tokens": CANVAS,
     "pad_token_id": PAD_ID,
     "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
     "stability_threshold": 1,
-    "t_max": 0.8,
-    "t_min": 0.4,
+    "t_max": 2.0,
+    "t_min": 1.0,
     "transformers_version": "5.23.0",
 }
 
