@@ -24,16 +24,29 @@ import mlx.core as mx
 from mlx_lm.utils import dequantize_model
 
 from mlx_diffusiongemma import sudoku
-from mlx_diffusiongemma.generate import GenerationSettings, encode_prompt
+from mlx_diffusiongemma.generate import REFERENCE_DEFAULTS, GenerationSettings, encode_prompt
 from mlx_diffusiongemma.loading import load
 from mlx_diffusiongemma.sample import pad_after_eos, sampler_step, temperature
 from mlx_diffusiongemma.sudoku_solver import DEFAULT_MODEL, puzzle_prompt, stream_solve
 
 EVAL_SEED = 7_000_000
+# Sampler settings are chosen on other puzzles than the ones they are reported on.
+TUNING_SEED = 5_000_000
 
 
-def puzzles(blanks: int, n: int) -> list[tuple[str, str]]:
-    return sudoku.make_dataset(EVAL_SEED + blanks, n, blanks)
+def puzzles(blanks: int, n: int, tuning: bool = False) -> list[tuple[str, str]]:
+    return sudoku.make_dataset((TUNING_SEED if tuning else EVAL_SEED) + blanks, n, blanks)
+
+
+def parse_setting(text: str) -> tuple[str, float]:
+    """`KEY=VALUE` for a numeric sampler setting, e.g. `entropy_bound=0.3`."""
+    key, _, value = text.partition("=")
+    if key not in REFERENCE_DEFAULTS:
+        raise argparse.ArgumentTypeError(f"{key!r} is not one of {', '.join(REFERENCE_DEFAULTS)}")
+    try:
+        return key, type(REFERENCE_DEFAULTS[key])(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key} takes a number, got {value!r}") from None
 
 
 def diffusion(model, tokenizer, puzzle: str, seed: int) -> dict:
@@ -192,6 +205,10 @@ def parse_args():
     parser.add_argument("--dequantize", action="store_true",
                         help="run quantized models on their dequantized weights (same values in float32; "
                              "MLX's CPU quantized matmul is several times slower)")
+    parser.add_argument("--tuning", action="store_true",
+                        help="use the tuning puzzles (another seed) instead of the evaluation's")
+    parser.add_argument("--set", dest="settings", action="append", default=[], type=parse_setting,
+                        metavar="KEY=VALUE", help="override a sampler setting of the diffusion runs (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sudoku.json"))
     return parser.parse_args()
 
@@ -216,14 +233,14 @@ def run_model(k: int, name: str, path: str, args) -> list[dict]:
         model = dequantize_model(model)
     results = []
     for blanks in args.blanks:
-        cases = puzzles(blanks, max(args.n, args.sequential, args.timed))
-        jobs = [("diffusion", batched_diffusion, args.n)]
+        cases = puzzles(blanks, max(args.n, args.sequential, args.timed), args.tuning)
+        jobs = [("diffusion", batched_diffusion, args.n, dict(args.settings))]
         if k == 0:
-            jobs.append(("sequential", batched_sequential, args.sequential))
-        for method, fn, n in jobs:
+            jobs.append(("sequential", batched_sequential, args.sequential, {}))
+        for method, fn, n, settings in jobs:
             if n:
-                r = accuracy(fn, model, tokenizer, cases[:n], args.batch)
-                results.append(dict(model=name, path=path, decoding=method, blanks=blanks, **r))
+                r = accuracy(fn, model, tokenizer, cases[:n], args.batch, **settings)
+                results.append(dict(model=name, path=path, decoding=method, blanks=blanks, settings=settings, **r))
                 print(accuracy_row(name, method, blanks, r), flush=True)
         if k == 0 and args.timed:
             d = timing(diffusion, model, tokenizer, cases[: args.timed])
