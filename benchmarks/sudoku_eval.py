@@ -24,7 +24,11 @@ import mlx.core as mx
 from mlx_lm.utils import dequantize_model
 
 from mlx_diffusiongemma import sudoku
-from mlx_diffusiongemma.generate import REFERENCE_DEFAULTS, GenerationSettings, encode_prompt
+from mlx_diffusiongemma.generate import (
+    REFERENCE_DEFAULTS,
+    GenerationSettings,
+    encode_prompt,
+)
 from mlx_diffusiongemma.loading import load
 from mlx_diffusiongemma.sample import pad_after_eos, sampler_step, temperature
 from mlx_diffusiongemma.sudoku_solver import DEFAULT_MODEL, puzzle_prompt, stream_solve
