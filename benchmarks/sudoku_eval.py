@@ -212,7 +212,7 @@ def parse_args():
     parser.add_argument("--tuning", action="store_true",
                         help="use the tuning puzzles (another seed) instead of the evaluation's")
     parser.add_argument("--set", dest="settings", action="append", default=[], type=parse_setting,
-                        metavar="KEY=VALUE", help="override a sampler setting of the diffusion runs (repeatable)")
+                        metavar="KEY=VALUE", help="override a sampler setting of the diffusion accuracy runs (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sudoku.json"))
     return parser.parse_args()
 
