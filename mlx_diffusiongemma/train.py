@@ -71,15 +71,18 @@ def encode_prompt(model, prompt_ids: mx.array) -> list:
     return cache
 
 
-def corrupt(targets: mx.array, vocab_size: int, key: mx.array) -> tuple[mx.array, mx.array]:
-    """Replace a fraction t ~ U(0, 1) of each row's tokens (t drawn per row) by uniform
-    random tokens over the whole vocabulary, like the sampler's noise.
+def corrupt(
+    targets: mx.array, vocab_size: int, key: mx.array, noise_exponent: float = 1.0,
+) -> tuple[mx.array, mx.array]:
+    """Replace a fraction t = u ** noise_exponent, u ~ U(0, 1), of each row's tokens (t drawn
+    per row) by uniform random tokens over the whole vocabulary, like the sampler's noise.
+    An exponent below 1 leans toward heavily corrupted canvases, where the sampler starts.
 
     Returns the noisy canvas and the boolean mask of replaced positions.
     """
     B, L = targets.shape
     t_key, pos_key, noise_key = mx.random.split(key, 3)
-    t = mx.random.uniform(shape=(B, 1), key=t_key)
+    t = mx.random.uniform(shape=(B, 1), key=t_key) ** noise_exponent
     replaced = mx.random.uniform(shape=(B, L), key=pos_key) < t
     noise = mx.random.randint(0, vocab_size, (B, L), dtype=targets.dtype, key=noise_key)
     return mx.where(replaced, noise, targets), replaced
@@ -87,12 +90,12 @@ def corrupt(targets: mx.array, vocab_size: int, key: mx.array) -> tuple[mx.array
 
 def diffusion_loss(
     model, prompt_ids: mx.array, targets: mx.array, key: mx.array,
-    self_condition: bool = False, clean_weight: float = 1.0,
+    self_condition: bool = False, clean_weight: float = 1.0, noise_exponent: float = 1.0,
 ) -> mx.array:
     """Weighted mean cross-entropy of the clean canvas `targets` (B, canvas) given the
-    prompt and a corrupted canvas; positions left clean weigh `clean_weight`."""
+    prompt and a corrupted canvas (see `corrupt`); positions left clean weigh `clean_weight`."""
     cache = encode_prompt(model, prompt_ids)
-    noisy, replaced = corrupt(targets, model.args.vocab_size, key)
+    noisy, replaced = corrupt(targets, model.args.vocab_size, key, noise_exponent)
     signal = None
     if self_condition:
         # Temperature-free, like the logits the sampler would pass at temperature 1.
@@ -115,6 +118,7 @@ class TrainingArgs:
     grad_clip: float = 1.0
     self_conditioning_rate: float = 0.5
     clean_weight: float = 1.0
+    noise_exponent: float = 1.0
     seed: int = 0
     compile: bool = True
 
@@ -136,7 +140,9 @@ def make_step(model, optimizer: optim.Optimizer, args: TrainingArgs) -> Callable
     loss_and_grad = nn.value_and_grad(model, diffusion_loss)
 
     def step(prompt_ids, targets, key, self_condition):
-        loss, grads = loss_and_grad(model, prompt_ids, targets, key, self_condition, args.clean_weight)
+        loss, grads = loss_and_grad(
+            model, prompt_ids, targets, key, self_condition, args.clean_weight, args.noise_exponent
+        )
         if args.grad_clip:
             grads, _ = optim.clip_grad_norm(grads, args.grad_clip)
         optimizer.update(model, grads)

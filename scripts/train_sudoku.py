@@ -236,6 +236,9 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--noise-exponent", type=float, default=1.0,
+                        help="corrupted fraction t = u ** EXPONENT; below 1 leans toward heavy noise")
+    parser.add_argument("--self-conditioning-rate", type=float, default=0.5)
     parser.add_argument("--pool-size", type=int, default=2000, help="generated puzzles to augment from")
     parser.add_argument("--save-every", type=int, default=250)
     # On CPU, uncompiled training with per-expert GEMMs is ~10% faster than compiled gather_mm.
@@ -262,7 +265,8 @@ def main():
     print(f"{count_parameters(model) / 1e6:.2f}M parameters", flush=True)
     targs = TrainingArgs(
         steps=args.steps, learning_rate=args.learning_rate, warmup_steps=min(200, args.steps // 10),
-        seed=SEED, compile=args.compile,
+        seed=SEED, compile=args.compile, noise_exponent=args.noise_exponent,
+        self_conditioning_rate=args.self_conditioning_rate,
     )
     batches = SudokuBatches(tokenizer, pool, args.batch_size, ramp_steps=int(0.4 * args.steps), seed=SEED)
     log = (out / "train_log.jsonl").open("a")

@@ -46,6 +46,14 @@ def test_corrupt_replaces_a_per_row_fraction_with_uniform_tokens():
     assert mx.array_equal(mx.where(replaced, 0, noisy), targets)
     assert noisy.max().item() > 900 and noisy.dtype == mx.int32
 
+def test_noise_exponent_below_one_leans_toward_heavy_corruption():
+    targets = mx.zeros((512, 256), dtype=mx.int32)
+    uniform = corrupt(targets, 1000, mx.random.key(0))[1].mean(axis=1)
+    skewed = corrupt(targets, 1000, mx.random.key(0), noise_exponent=0.5)[1].mean(axis=1)
+    # t = sqrt(u): mean 2/3 instead of 1/2, and the same draws replace a superset of positions.
+    assert abs(uniform.mean().item() - 0.5) < 0.05 and abs(skewed.mean().item() - 2 / 3) < 0.05
+    assert (skewed >= uniform).all().item()
+
 
 def test_gradients_reach_encoder_scalars_and_router():
     model = tiny_model()
