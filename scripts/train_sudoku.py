@@ -16,7 +16,6 @@ training run shared it.)
 import argparse
 import json
 import math
-import random
 import shutil
 import time
 from pathlib import Path
