@@ -240,8 +240,9 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     # Both lean the objective toward what the sampler does: start from pure noise and refine
-    # its own previous logits. On 100 tuning puzzles at 40 blanks: 49% solved with 1.0 and 0.5,
-    # 62% with exponent 0.5, 77% with both (benchmarks/README.md).
+    # its own previous logits. On 100 tuning puzzles at 40 blanks: 49% solved with exponent 1.0
+    # and rate 0.5 (uniform noise level, the earlier recipe), 62% with exponent 0.5, 77% with
+    # exponent 0.5 and rate 0.8 (benchmarks/README.md).
     parser.add_argument("--noise-exponent", type=float, default=0.5,
                         help="corrupted fraction t = u ** EXPONENT; below 1 leans toward heavy noise")
     parser.add_argument("--self-conditioning-rate", type=float, default=0.8,

@@ -46,6 +46,7 @@ def test_corrupt_replaces_a_per_row_fraction_with_uniform_tokens():
     assert mx.array_equal(mx.where(replaced, 0, noisy), targets)
     assert noisy.max().item() > 900 and noisy.dtype == mx.int32
 
+
 def test_noise_exponent_below_one_leans_toward_heavy_corruption():
     targets = mx.zeros((512, 256), dtype=mx.int32)
     uniform = corrupt(targets, 1000, mx.random.key(0))[1].mean(axis=1)
