@@ -26,7 +26,7 @@ import torch
 
 from mlx_diffusiongemma import generate_step, load
 from mlx_diffusiongemma.chat import ChatSession
-from mlx_diffusiongemma.tokenizer import build_tokenizer
+from mlx_diffusiongemma.demos.sudoku.tokenizer import build_tokenizer
 
 CANVAS = 32
 SHAPE = dict(
@@ -70,7 +70,7 @@ def timed_turn(session: ChatSession, text: str) -> dict:
         # The turn's first step: in turn 1 it includes tracing and compiling the sampler.
         first_step_ms=1e3 * (events[0][2] - start - prompt_s),
         step_ms=1e3 * statistics.median(b[2] - a[2] for a, b in pairs),
-        step_cpu_ms=1e3 * statistics.median(b[3] - a[3] for a, b in pairs), cached=len(session.cached_ids),
+        step_cpu_ms=1e3 * statistics.median(b[3] - a[3] for a, b in pairs), cached=len(session.prompt_cache.ids),
         text=session.messages[-1]["content"],
     )
 
@@ -80,7 +80,7 @@ def run_session(model, tokenizer, turns: int, reuse: bool, settings: dict) -> tu
     rows = []
     for i in range(turns):
         if not reuse:
-            session.clear_cache()
+            session.prompt_cache.clear()
         rows.append(timed_turn(session, MESSAGE.format(i + 1)))
     return rows, session
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_diffusiongemma.checkpoint import INDEX_NAME
+from mlx_diffusiongemma.weights.safetensors import INDEX_NAME
 from mlx_diffusiongemma.loading import expected_shapes
-from mlx_diffusiongemma.model import Model, ModelArgs
+from mlx_diffusiongemma.models import Model, ModelArgs
 
 RELEASE = Path("/work/shared/reference/diffusiongemma-26B-A4B-it")
 RECIPES = {"mixed 4-bit (default)": {}, "8-bit": {"recipe": "8bit"}, "bf16, no quantization": {"quantize": False}}

@@ -11,10 +11,11 @@ import json
 import math
 from pathlib import Path
 
-from mlx_diffusiongemma.checkpoint import INDEX_NAME, TensorInfo, check_tensors
+from mlx_diffusiongemma.weights.checks import check_tensors
+from mlx_diffusiongemma.weights.safetensors import INDEX_NAME, TensorInfo
 from mlx_diffusiongemma.convert import plan_conversion
 from mlx_diffusiongemma.loading import expected_shapes
-from mlx_diffusiongemma.model import Model, ModelArgs
+from mlx_diffusiongemma.models import Model, ModelArgs
 
 RELEASE = Path("/work/shared/reference/diffusiongemma-26B-A4B-it")
 RECIPES = {

@@ -9,7 +9,7 @@ the sampler's last temperature, self-condition the next forward).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \\
     python benchmarks/sudoku_eval.py --n 500 --sequential 200 --dequantize \\
-        --model unquantized=runs/sudoku/hf --model 4-bit=mlx_diffusiongemma/assets/sudoku
+        --model unquantized=runs/sudoku/hf --model 4-bit=mlx_diffusiongemma/demos/sudoku/model
 
 (benchmarks/README.md splits this into parallel runs; the sequential baseline and the
 timing use the first model only.)
@@ -23,15 +23,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import dequantize_model
 
-from mlx_diffusiongemma import sudoku
-from mlx_diffusiongemma.generate import (
-    REFERENCE_DEFAULTS,
-    GenerationSettings,
-    encode_prompt,
-)
+from mlx_diffusiongemma.demos.sudoku import puzzles as sudoku
+from mlx_diffusiongemma.generate import REFERENCE_DEFAULTS, GenerationSettings, encode_text
 from mlx_diffusiongemma.loading import load
 from mlx_diffusiongemma.sample import pad_after_eos, sampler_step, temperature
-from mlx_diffusiongemma.sudoku_solver import DEFAULT_MODEL, puzzle_prompt, stream_solve
+from mlx_diffusiongemma.demos.sudoku.solver import DEFAULT_MODEL, puzzle_prompt, stream_solve
 
 EVAL_SEED = 7_000_000
 # Sampler settings are chosen on other puzzles than the ones they are reported on.

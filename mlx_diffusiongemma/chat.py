@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 
 import jinja2
 
-from .cache import can_trim_cache, trim_cache
 from .errors import UserError
 from .generate import GenerationResponse, GenerationSettings, stream_generate
+from .prompt_cache import PromptCache
 
 # Slack for the tokens after the common prefix that belong to the previous prompt
 # (the generation prompt's empty thought block), on top of the reply's canvases.
@@ -29,16 +29,6 @@ def repair_text(text: str) -> str:
     except UnicodeEncodeError:
         # Surrogates that do not stand for a byte (e.g. pasted from a broken JSON string).
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class StopStrings:
@@ -104,33 +94,25 @@ class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, thinking: bool = False,
                  stop: Sequence[str] = (), keep: int | None = None, **settings):
         self.model, self.tokenizer = model, tokenizer
-        self.settings = {k: v for k, v in settings.items() if v is not None}
-        self.resolved = GenerationSettings.resolve(model, **self.settings)
-        self.resolved.validate(model.args.vocab_size, model.args.canvas_length)
+        self.settings = GenerationSettings.resolve(model, **settings)
         self.system = repair_text(system) if system else None
         self.thinking = thinking
         self.stop = [repair_text(s) for s in stop]
-        self.keep = self._default_keep() if keep is None else keep
+        self.prompt_cache = PromptCache(model, self._default_keep() if keep is None else keep)
         self.messages: list[dict] = []
         self.last: GenerationResponse | None = None
         self.last_turn: TurnStats | None = None
-        self.clear_cache()
 
     def _default_keep(self) -> int:
         args = self.model.args
-        canvases = -(-self.resolved.max_tokens // args.canvas_length)
+        canvases = -(-self.settings.max_tokens // args.canvas_length)
         return args.sliding_window - 1 + canvases * args.canvas_length + _PROMPT_TAIL_SLACK
-
-    def clear_cache(self) -> None:
-        """Start from an empty encoder cache (the next turn encodes its whole prompt)."""
-        self.cache = self.model.make_cache(keep=self.keep)
-        self.cached_ids: list[int] = []
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt and thinking mode stay)."""
         self.messages = []
         self.last = self.last_turn = None
-        self.clear_cache()
+        self.prompt_cache.clear()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` rendered by the tokenizer's chat template, ending with
@@ -146,21 +128,6 @@ class ChatSession:
             raise UserError(f"the model's chat template cannot render this conversation ({message})") from None
         return [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
 
-    def reuse_cache(self, ids: Sequence[int]) -> int:
-        """Step the cache back to the longest prefix it shares with `ids` and return its
-        length (at most `len(ids) - 1`, so at least one token is left to encode).
-
-        When a sliding layer no longer stores enough positions to step back that far, the
-        cache starts over and 0 is returned.
-        """
-        n = min(common_prefix(self.cached_ids, ids), len(ids) - 1)
-        if n <= 0 or not can_trim_cache(self.cache, n):
-            self.clear_cache()
-            return 0
-        trim_cache(self.cache, n)
-        self.cached_ids = self.cached_ids[:n]
-        return n
-
     def reply(self, text: str) -> Iterator[GenerationResponse]:
         """Add a user message and stream the answer as `GenerationResponse`s whose `text`
         is the committed delta (cut at stop strings).
@@ -175,7 +142,7 @@ class ChatSession:
 
     def _turn(self, user: dict) -> Iterator[GenerationResponse]:
         ids = self.prompt_ids(self.messages + [user])
-        start = self.reuse_cache(ids)
+        start = self.prompt_cache.reuse(ids)
         self.last_turn = TurnStats(len(ids), start)
         turn = _Turn(ids, start, StopStrings(self.stop))
         try:
@@ -195,7 +162,7 @@ class ChatSession:
 
     def _stream(self, turn: "_Turn") -> Iterator[GenerationResponse]:
         stream = stream_generate(self.model, self.tokenizer, turn.ids[turn.start :],
-                                 cache=self.cache, **self.settings)
+                                 cache=self.prompt_cache.cache, settings=self.settings)
         with closing(stream):
             for r in stream:
                 r = turn.observe(r)
@@ -208,12 +175,10 @@ class ChatSession:
         """Record the turn and make `cached_ids` describe the cache exactly."""
         if turn.events and (turn.answer or turn.finished):
             self.messages += [user, {"role": "assistant", "content": turn.answer}]
-        expected = turn.cached_ids()
-        if intact and all(c.offset == len(expected) for c in self.cache):
-            self.cached_ids = expected
+        if intact:
+            self.prompt_cache.record(turn.cached_ids())
         else:
-            # An interrupt inside an encoder pass can leave layers at different lengths.
-            self.clear_cache()
+            self.prompt_cache.clear()
 
 
 class _Turn:

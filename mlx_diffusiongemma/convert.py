@@ -20,23 +20,26 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .checkpoint import INDEX_NAME, TensorInfo, atomic_output_dir, check_tensors, list_checkpoint, resolve_model_path
 from .errors import UserError
-from .loading import expected_shapes, read_json
-from .model import Model, ModelArgs
+from .loading import MODEL_PATTERNS, TOKENIZER_FILES, expected_shapes, load_config
+from .models import Model
+from .ui.progress import ProgressBar
+from .models.config import explain_shape
+from .weights.atomic import atomic_output_dir
+from .weights.checks import check_tensors
+from .weights.hub import RELEASE_REPO, resolve_model_path
+from .weights.safetensors import INDEX_NAME, TensorInfo, list_checkpoint
 
 RECIPES = ("mixed", "8bit")
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 COPIED_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
     "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "chat_template.json",
     "processor_config.json", "preprocessor_config.json",
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_DTYPE = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4}
 READ_DTYPES = {"BF16": (np.uint16, mx.bfloat16), "F16": (np.float16, None), "F32": (np.float32, None)}
@@ -103,19 +106,16 @@ def read_source(hf_path, text_only: bool = False) -> Source:
     The model is built from `config.json` without materializing weights (MLX arrays are
     lazy), so this costs seconds and no memory even for the full-size model.
     """
-    path = resolve_model_path(hf_path, SOURCE_PATTERNS)
-    config = read_json(path / "config.json")
+    path = resolve_model_path(hf_path, MODEL_PATTERNS)
+    config, args = load_config(path)
     _refuse_quantized(path, config)
-    args = ModelArgs.from_config(config, read_json(path / "generation_config.json", required=False))
     model = Model(args, text_only=text_only)
     infos = model.sanitize(list_checkpoint(path))
-    check_tensors(infos, expected_shapes(model), explain=model.explain_shape)
+    check_tensors(infos, expected_shapes(model), explain=explain_shape)
     return Source(path, config, model, infos)
 
 
 def _refuse_quantized(path: Path, config: dict) -> None:
-    if not isinstance(config, dict):
-        return  # ModelArgs.from_config names the problem
     if config.get("quantization"):
         raise UserError(
             f"{path / 'config.json'} has a \"quantization\" block: this is already an MLX conversion; "
@@ -126,7 +126,7 @@ def _refuse_quantized(path: Path, config: dict) -> None:
     if method:
         raise UserError(
             f"{path / 'config.json'}: checkpoints quantized with quant_method {method!r} are not supported; "
-            "convert the bf16 release (google/diffusiongemma-26B-A4B-it)"
+            f"convert the bf16 release ({RELEASE_REPO})"
         )
 
 
@@ -278,15 +278,12 @@ def convert(
     config = _output_config(source, quantization_block(plans, recipe_default(q_bits, q_group_size, recipe)), dtype)
     copied = _files_to_copy(source.path)
     needed = sum(p.nbytes for p in plans) + sum(f.stat().st_size for f in copied) + 2**20
-    with _progress_hook(progress) as hook:
-        try:
-            with atomic_output_dir(mlx_path, overwrite, needed_bytes=needed) as out:
-                _copy_files(copied, out)
-                weight_map = write_shards(out, shard_plans(plans, max_shard_bytes), hook)
-                _write_index(out, weight_map, sum(p.nbytes for p in plans))
-                (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: marks completion
-        except KeyboardInterrupt as e:
-            raise KeyboardInterrupt(f"conversion interrupted; nothing was written to {mlx_path}; run it again") from e
+    # Ctrl-C (KeyboardInterrupt) propagates after atomic_output_dir removed the partial output.
+    with _progress_hook(progress) as hook, atomic_output_dir(mlx_path, overwrite, needed_bytes=needed) as out:
+        _copy_files(copied, out)
+        weight_map = write_shards(out, shard_plans(plans, max_shard_bytes), hook)
+        _write_index(out, weight_map, sum(p.nbytes for p in plans))
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: marks completion
     return Path(mlx_path).expanduser().resolve()
 
 
@@ -318,27 +315,12 @@ def _progress_hook(progress: Progress | str | None) -> Iterator[Progress]:
     if progress is None:
         yield lambda done, total: None
     elif progress == "rich":
-        with rich_progress() as hook:
-            yield hook
+        with ProgressBar("Converting") as bar:
+            yield bar
     elif callable(progress):
         yield progress
     else:
         raise UserError(f"progress must be a callable or 'rich', found {progress!r}")
-
-
-@contextlib.contextmanager
-def rich_progress(description: str = "Converting") -> Iterator[Progress]:
-    """A `progress(done_bytes, total_bytes)` hook drawing a rich bar (bytes, speed, ETA) on stderr."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def write_shards(out: Path, shards: list[tuple[str, list[TensorPlan]]], progress: Progress) -> dict[str, str]:

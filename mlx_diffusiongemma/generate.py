@@ -1,28 +1,44 @@
 """Block-autoregressive diffusion generation, layered like mlx-lm:
 `generate_step` (token ids) -> `stream_generate` (text and statistics) -> `generate`.
+
+Settings are resolved once into a `GenerationSettings` (reference defaults < the model's
+generation_config.json < explicit values) and validated before any work. `generate_step`
+runs a batch of equal-length prompts; pinned positions (`GenerationSettings.pinned`) hold
+given tokens through every denoising step, the hook infill and edits build on.
 """
 
 import math
 import secrets
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Generator, Sequence
+from typing import Generator, Mapping, Sequence
 
 import mlx.core as mx
 
-from .cache import cache_length
 from .errors import UserError
-from .sample import is_stable, pad_after_eos, sampler_step, temperature
+from .models.cache import cache_length
+from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, temperature
 
 REFERENCE_DEFAULTS = dict(
     max_tokens=256, max_denoising_steps=48, t_min=0.4, t_max=0.8, entropy_bound=0.1,
     stability_threshold=1, confidence_threshold=0.005,
 )
+_INTEGER_SETTINGS = ("max_tokens", "max_denoising_steps", "stability_threshold")
+_FLOAT_SETTINGS = ("t_min", "t_max", "entropy_bound", "confidence_threshold")
+_SEED_RANGE = 2**64
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Sampler settings; `resolve` fills them from the model's generation_config.json."""
+    """Sampler settings; `resolve` fills them from the model's generation_config.json.
+
+    `pinned` maps output positions (0 = the first generated token, counted across canvases)
+    to token ids that those positions hold at every denoising step: never renoised, always
+    accepted, left out of the entropy budget and of the stop test, committed as given. A
+    free position before the last pinned one never holds an EOS (its EOS logits are
+    masked), so generation cannot end before every pinned token is written.
+    `seed` is any integer in [0, 2**64).
+    """
 
     max_tokens: int = REFERENCE_DEFAULTS["max_tokens"]
     max_denoising_steps: int = REFERENCE_DEFAULTS["max_denoising_steps"]
@@ -34,22 +50,37 @@ class GenerationSettings:
     eos_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     initial_canvas: tuple[int, ...] | None = None
+    pinned: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def resolve(cls, model, **overrides) -> "GenerationSettings":
-        """Reference defaults < the model's generation_config.json < explicit settings."""
+        """Reference defaults < the model's generation_config.json < explicit settings
+        (None means "not given"). Validated against the model."""
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown generation setting {sorted(unknown)[0]!r}; see GenerationSettings")
-        settings = cls(**_from_generation_config(model.args.generation_config, model.args.eos_token_ids))
+        base = cls(**_from_generation_config(model.args.generation_config, model.args.eos_token_ids))
+        settings = base.updated(**overrides)
+        settings.validate(model.args.vocab_size, model.args.canvas_length)
+        return settings
+
+    def updated(self, **overrides) -> "GenerationSettings":
+        """A copy with the given (not None) settings replaced, sequences normalised."""
         explicit = {k: v for k, v in overrides.items() if v is not None}
         for key in ("eos_token_ids", "initial_canvas"):
-            if explicit.get(key) is not None:
-                explicit[key] = tuple(int(t) for t in explicit[key])
-        return replace(settings, **explicit)
+            if key in explicit:
+                explicit[key] = _token_tuple(explicit[key], key)
+        if "pinned" in explicit:
+            explicit["pinned"] = _pinned_tuple(explicit["pinned"])
+        return replace(self, **explicit)
 
     def validate(self, vocab_size: int, canvas_length: int) -> None:
-        """Raise a one-line UserError for any setting out of range."""
+        """Raise a one-line UserError for any setting of the wrong type or out of range."""
+        for name in _INTEGER_SETTINGS:
+            _check(_is_int(getattr(self, name)), f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in _FLOAT_SETTINGS:
+            value = getattr(self, name)
+            _check(_is_number(value) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
         _check(self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}")
         _check(self.max_denoising_steps > 0, f"max_denoising_steps must be > 0, got {self.max_denoising_steps}")
         _check(self.t_min >= 0 and self.t_max >= 0, f"temperatures must be >= 0, got t_min={self.t_min}, t_max={self.t_max}")
@@ -58,11 +89,27 @@ class GenerationSettings:
         _check(self.entropy_bound > 0, f"entropy_bound must be > 0, got {self.entropy_bound}")
         _check(self.stability_threshold >= 0, f"stability_threshold must be >= 0, got {self.stability_threshold}")
         _check(self.confidence_threshold > 0, f"confidence_threshold must be > 0, got {self.confidence_threshold}")
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < _SEED_RANGE),
+               f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if self.initial_canvas is not None:
             _check(len(self.initial_canvas) == canvas_length,
                    f"initial_canvas has {len(self.initial_canvas)} tokens, the model's canvas_length is {canvas_length}")
             check_token_ids(self.initial_canvas, vocab_size, "initial_canvas")
         check_token_ids(self.eos_token_ids, vocab_size, "eos_token_ids")
+        check_token_ids([t for _, t in self.pinned], vocab_size, "pinned")
+        if self.pinned and self.pinned[-1][0] >= self.max_tokens:
+            raise UserError(
+                f"invalid setting: pinned position {self.pinned[-1][0]} is beyond max_tokens={self.max_tokens}; "
+                "raise max_tokens or pin earlier positions"
+            )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -70,87 +117,155 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(f"invalid setting: {message}")
 
 
-def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
-    """Every id must index the model's vocabulary."""
-    bad = [t for t in ids if not 0 <= int(t) < vocab_size]
+def _token_tuple(ids, what: str) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise UserError(f"invalid setting: {what} must be a list of token ids, got {type(ids).__name__}")
+    bad = [t for t in ids if not _is_int(t)]
     if bad:
-        raise UserError(f"{what} contains token id {bad[0]}, outside the model's vocabulary [0, {vocab_size})")
+        raise UserError(f"invalid setting: {what} must hold integer token ids, found {bad[0]!r}")
+    return tuple(ids)
 
 
-def _from_generation_config(gen: dict, config_eos: list[int]) -> dict:
-    sampler = gen.get("sampler_config") or {}
-    eos = gen.get("eos_token_id")
-    eos = config_eos if eos is None else ([eos] if isinstance(eos, int) else eos)
+def _pinned_tuple(pinned) -> tuple[tuple[int, int], ...]:
+    if isinstance(pinned, Mapping):
+        pinned = list(pinned.items())
+    try:
+        pairs = [(p, t) for p, t in pinned]
+    except (TypeError, ValueError):
+        raise UserError("invalid setting: pinned must map output positions to token ids") from None
+    for p, t in pairs:
+        if not (_is_int(p) and _is_int(t)) or p < 0:
+            raise UserError(f"invalid setting: pinned needs integer positions >= 0 and token ids, found {p!r}: {t!r}")
+    if len({p for p, _ in pairs}) != len(pairs):
+        raise UserError("invalid setting: pinned names a position twice")
+    return tuple(sorted(pairs))
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
+    """Every id must be an integer indexing the model's vocabulary."""
+    for t in ids:
+        if not _is_int(t):
+            raise UserError(f"{what} must be integer token ids, found {t!r}")
+        if not 0 <= t < vocab_size:
+            raise UserError(f"{what} contains token id {t}, outside the model's vocabulary [0, {vocab_size})")
+
+
+def _from_generation_config(gen: dict, eos: list[int]) -> dict:
+    sampler = gen.get("sampler_config")
+    sampler = sampler if isinstance(sampler, dict) else {}
     values = {
         "max_tokens": gen.get("max_new_tokens"),
         "max_denoising_steps": gen.get("max_denoising_steps"),
         "t_min": gen.get("t_min"),
         "t_max": gen.get("t_max"),
-        "entropy_bound": sampler.get("entropy_bound") if isinstance(sampler, dict) else None,
+        "entropy_bound": sampler.get("entropy_bound"),
         "stability_threshold": gen.get("stability_threshold"),
         "confidence_threshold": gen.get("confidence_threshold"),
     }
+    for key, value in values.items():
+        wanted = _is_int if key in _INTEGER_SETTINGS else _is_number
+        if value is not None and not (wanted(value) and math.isfinite(value)):
+            name = {"max_tokens": "max_new_tokens", "entropy_bound": "sampler_config.entropy_bound"}.get(key, key)
+            raise UserError(
+                f"generation_config.json: '{name}' must be a finite {'integer' if wanted is _is_int else 'number'}, "
+                f"found {value!r}; fix or delete generation_config.json"
+            )
     # A null in generation_config.json means "the reference default", as in transformers.
     out = {k: (REFERENCE_DEFAULTS[k] if v is None else v) for k, v in values.items()}
-    out["eos_token_ids"] = tuple(int(e) for e in eos)
+    out["eos_token_ids"] = tuple(eos)
     return out
 
 
 @dataclass
 class StepEvent:
-    """One denoising step, or (when `committed` is set) one committed canvas."""
+    """One denoising step, or (when `committed` is set) one committed canvas.
+
+    For a single prompt `argmax` is (canvas,), `accepted` an int, `mean_entropy` a float
+    and `committed` a list of ids; for a batch each is per row ((B, canvas) and lists).
+    """
 
     canvas: int
     step: int
     argmax: mx.array
-    accepted: int
-    mean_entropy: float
-    committed: list[int] | None = None
-    finish_reason: str | None = None
+    accepted: int | list[int]
+    mean_entropy: float | list[float]
+    committed: list[int] | list[list[int]] | None = None
+    finish_reason: str | None | list[str | None] = None
     prompt_seconds: float | None = None
 
 
+def seed_key(seed: int | None) -> mx.array:
+    """The root PRNG key of a generation (a fresh random one when `seed` is None)."""
+    return mx.random.key(secrets.randbits(63) if seed is None else seed)
+
+
 def generate_step(
-    model, prompt_ids: Sequence[int], cache: list | None = None, **settings
+    model, prompt_ids: Sequence[int] | Sequence[Sequence[int]], cache: list | None = None,
+    settings: GenerationSettings | None = None, **overrides,
 ) -> Generator[StepEvent, None, None]:
     """Encode `prompt_ids` (appending to `cache`, a fresh one by default) and denoise
     canvases until an EOS is committed or `max_tokens` are written.
 
     Yields a `StepEvent` per denoising step (`committed` is None) and one per committed
-    canvas (`committed` holds its ids, pad after the first EOS). Batch size 1.
+    canvas (`committed` holds its ids, pad after the first EOS). `settings` is a resolved
+    `GenerationSettings` (else `overrides` are resolved against the model). A list of
+    equal-length prompts runs as a batch: rows share one PRNG key, each row stops its
+    canvas on its own stop test, and events carry per-row values.
     """
-    s = GenerationSettings.resolve(model, **settings)
+    s = settings.updated(**overrides) if settings is not None else GenerationSettings.resolve(model, **overrides)
+    if settings is not None and overrides:
+        s.validate(model.args.vocab_size, model.args.canvas_length)
+    prompt, batched = _prompt_array(prompt_ids, model.args.vocab_size)
+    for event in _generate(model, prompt, model.make_cache() if cache is None else cache, s):
+        yield event if batched else _unbatched(event)
+
+
+def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings):
     args = model.args
-    s.validate(args.vocab_size, args.canvas_length)
-    prompt = _prompt_array(prompt_ids, args.vocab_size)
-    cache = model.make_cache() if cache is None else cache
-    n_canvases = math.ceil(s.max_tokens / args.canvas_length)
+    B, L = prompt.shape[0], args.canvas_length
+    n_canvases = math.ceil(s.max_tokens / L)
     _check_context(cache_length(cache) + prompt.shape[1], n_canvases, args)
-    key = mx.random.key(secrets.randbits(63) if s.seed is None else s.seed)
+    key = seed_key(s.seed)
     tic = time.perf_counter()
     model.encode(prompt, cache)
     prompt_seconds = time.perf_counter() - tic
-    eos = set(s.eos_token_ids)
+    eos, ended = set(s.eos_token_ids), [False] * B
     for c in range(n_canvases):
-        key, canvas_key = mx.random.split(key)
-        last = None
-        for last in _denoise_canvas(model, cache, s, c, canvas_key):
-            last.prompt_seconds, prompt_seconds = prompt_seconds, None
-            yield last
-        tokens, found_eos = pad_after_eos(last.argmax.tolist(), eos, args.pad_token_id)
-        finish = "stop" if found_eos else ("length" if c == n_canvases - 1 else None)
-        yield StepEvent(c, last.step, last.argmax, last.accepted, last.mean_entropy, tokens, finish)
-        if finish:
+        pins = canvas_pins(s, c, B, L)
+        # One key chain runs through every canvas and step of the generation.
+        key, last = yield from _denoise_canvas(model, cache, s, c, key, pins, B, prompt_seconds)
+        prompt_seconds = None
+        committed, finish = [], []
+        for row, done in zip(last.argmax.tolist(), ended):
+            tokens, found = pad_after_eos(row, eos, args.pad_token_id)
+            committed.append([args.pad_token_id] * L if done else tokens)
+            finish.append("stop" if done or found else ("length" if c == n_canvases - 1 else None))
+        ended = [f == "stop" for f in finish]
+        yield StepEvent(c, last.step, last.argmax, last.accepted, last.mean_entropy, committed, finish)
+        if all(f is not None for f in finish):
             return
-        model.encode(last.argmax[None], cache)
+        model.encode(last.argmax, cache)
 
 
-def _prompt_array(prompt_ids: Sequence[int], vocab_size: int) -> mx.array:
-    ids = [int(t) for t in prompt_ids]
-    if not ids:
-        raise UserError("the prompt is empty; give some text or token ids")
-    check_token_ids(ids, vocab_size, "the prompt")
-    return mx.array(ids, dtype=mx.int32)[None]
+def _unbatched(e: StepEvent) -> StepEvent:
+    finish = e.finish_reason[0] if e.committed is not None else None
+    committed = e.committed[0] if e.committed is not None else None
+    return StepEvent(e.canvas, e.step, e.argmax[0], e.accepted[0], e.mean_entropy[0], committed, finish,
+                     e.prompt_seconds)
+
+
+def _prompt_array(prompt_ids, vocab_size: int) -> tuple[mx.array, bool]:
+    if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
+        raise UserError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
+    batched = len(prompt_ids) > 0 and not _is_int(prompt_ids[0]) and isinstance(prompt_ids[0], Sequence)
+    rows = list(prompt_ids) if batched else [prompt_ids]
+    for row in rows:
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or not row:
+            raise UserError("the prompt is empty; give some text or token ids")
+        check_token_ids(row, vocab_size, "the prompt")
+    if len({len(r) for r in rows}) > 1:
+        raise UserError("a batch of prompts must have equal lengths; pad or group them by length")
+    return mx.array([list(r) for r in rows], dtype=mx.int32), batched
 
 
 def _check_context(used: int, n_canvases: int, args) -> None:
@@ -163,28 +278,88 @@ def _check_context(used: int, n_canvases: int, args) -> None:
         )
 
 
-def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: mx.array):
-    """Yield a StepEvent per step of one canvas until the stable-and-confident stop."""
-    args = model.args
-    noise_key, key = mx.random.split(key)
+@dataclass
+class CanvasPins:
+    """The pinned positions of one canvas: `mask` (B, L) bool, `tokens` (B, L) int32, and
+    `no_eos` (B, L) bool, the free positions that lie before a later pinned one."""
+
+    mask: mx.array
+    tokens: mx.array
+    no_eos: mx.array
+    all_pinned: bool
+
+
+def canvas_pins(s: GenerationSettings, index: int, B: int, L: int) -> CanvasPins | None:
+    """The `pinned` settings that fall on canvas `index`, or None."""
+    if not s.pinned:
+        return None
+    start, last = index * L, s.pinned[-1][0]
+    here = [(p - start, t) for p, t in s.pinned if start <= p < start + L]
+    if not here and last < start:
+        return None
+    mask, tokens = [False] * L, [0] * L
+    for p, t in here:
+        mask[p], tokens[p] = True, t
+    no_eos = [not m and start + i < last for i, m in enumerate(mask)]
+    return CanvasPins(
+        mx.array([mask] * B), mx.array([tokens] * B, dtype=mx.int32), mx.array([no_eos] * B), all(mask),
+    )
+
+
+def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: mx.array,
+                    pins: CanvasPins | None, B: int, prompt_seconds: float | None):
+    """Yield a StepEvent per step of one canvas until every row met its stop test; the last
+    event's `argmax` holds each row's canvas as it stood when that row stopped. Returns
+    the key chain's next key and the last event."""
+    L, V = model.args.canvas_length, model.args.vocab_size
+    key, noise_key = mx.random.split(key)
     if s.initial_canvas is not None:
-        canvas = mx.array(s.initial_canvas, dtype=mx.int32)[None]
+        canvas = mx.broadcast_to(mx.array(s.initial_canvas, dtype=mx.int32), (B, L))
     else:
-        canvas = mx.random.randint(0, args.vocab_size, (1, args.canvas_length), dtype=mx.int32, key=noise_key)
+        canvas = mx.random.randint(0, V, (B, L), dtype=mx.int32, key=noise_key)
+    if pins is not None and pins.all_pinned:
+        event = StepEvent(index, 0, pins.tokens, [L] * B, [0.0] * B, prompt_seconds=prompt_seconds)
+        yield event
+        return key, event
+    pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
+    bias = _eos_bias(s, V, pins)
     bound = mx.array(s.entropy_bound, dtype=mx.float32)
     scaled, probs, history = None, None, []
+    final, done = None, mx.zeros((B,), dtype=mx.bool_)
     for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
         key, step_key = mx.random.split(key)
+        canvas = pin(canvas, pins)
         logits = model.denoise(canvas, cache, scaled, self_conditioning_probs=probs)
+        if bias is not None:
+            logits = logits + bias
         inv_t = mx.array(1.0 / temperature(cur_step, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)
-        scaled, probs, argmax, canvas, accepted, entropy = sampler_step(logits, inv_t, bound, mx.random.split(step_key))
-        mean_entropy = entropy.mean()
-        mx.eval(argmax, canvas, mean_entropy, accepted)
-        stop = mean_entropy.item() < s.confidence_threshold and is_stable(argmax, history, s.stability_threshold)
+        scaled, probs, argmax, canvas, accepted, entropy = sampler_step(
+            logits, inv_t, bound, mx.random.split(step_key), pinned)
+        argmax = pin(argmax, pins)
+        mean_entropy = free_mean(entropy, None if pins is None else pins.mask)
+        stop = (mean_entropy < s.confidence_threshold) & rows_stable(argmax, history, s.stability_threshold)
+        # A row keeps the canvas it stopped on; the rows still running carry on.
+        final = argmax if final is None else mx.where(done[:, None], final, argmax)
+        done = done | stop
         history = (history + [argmax])[-max(s.stability_threshold, 1):]
-        yield StepEvent(index, n, argmax[0], int(accepted.sum().item()), mean_entropy.item())
-        if stop:
-            return
+        mx.eval(final, done, canvas, mean_entropy, accepted)
+        event = StepEvent(index, n, final, accepted.sum(axis=-1).tolist(), mean_entropy.tolist(),
+                          prompt_seconds=prompt_seconds)
+        prompt_seconds = None
+        yield event
+        if done.all().item():
+            break
+    return key, event
+
+
+def _eos_bias(s: GenerationSettings, vocab_size: int, pins: CanvasPins | None) -> mx.array | None:
+    """-inf on EOS logits at free positions before a later pinned one (see `pinned`)."""
+    if pins is None or not s.eos_token_ids:
+        return None
+    is_eos = mx.zeros((vocab_size,), dtype=mx.bool_)
+    is_eos[mx.array(list(s.eos_token_ids))] = True
+    banned = pins.no_eos[..., None] & is_eos
+    return mx.where(banned, -mx.inf, 0.0).astype(mx.float32)
 
 
 @dataclass
@@ -216,10 +391,14 @@ class GenerationResponse:
         return self.generation_tokens / self.decoder_forwards if self.decoder_forwards else 0.0
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int]) -> list[int]:
+def encode_text(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a prompt given as text (encoded as-is, BOS added once) or as ids."""
+    if prompt is None:
+        raise UserError("the prompt is missing; give some text or token ids")
     if not isinstance(prompt, str):
-        return [int(t) for t in prompt]
+        if isinstance(prompt, bytes) or not isinstance(prompt, Sequence):
+            raise UserError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
+        return list(_token_tuple(prompt, "the prompt"))
     if not prompt.strip():
         raise UserError("the prompt is empty or only whitespace; give some text")
     bos = getattr(tokenizer, "bos_token", None)
@@ -260,15 +439,16 @@ class CommittedText:
 
 
 def stream_generate(model, tokenizer, prompt: str | Sequence[int], cache: list | None = None,
-                    **settings) -> Generator[GenerationResponse, None, None]:
+                    settings: GenerationSettings | None = None,
+                    **overrides) -> Generator[GenerationResponse, None, None]:
     """Generate text, yielding a `GenerationResponse` per denoising step and per committed canvas."""
-    ids = encode_prompt(tokenizer, prompt)
-    s = GenerationSettings.resolve(model, **settings)
+    ids = encode_text(tokenizer, prompt)
+    s = settings.updated(**overrides) if settings is not None else GenerationSettings.resolve(model, **overrides)
     tracker = CommittedText(tokenizer, set(s.eos_token_ids), model.args.pad_token_id)
     mx.reset_peak_memory()
     prompt_tps, steps, forwards, generated = 0.0, [], 0, 0
     tic = time.perf_counter()
-    for ev in generate_step(model, ids, cache=cache, **settings):
+    for ev in generate_step(model, ids, cache=cache, settings=s):
         if ev.prompt_seconds is not None:
             prompt_tps = len(ids) / max(ev.prompt_seconds, 1e-9)
             tic = time.perf_counter()

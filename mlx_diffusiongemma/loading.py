@@ -8,11 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import (
-    check_tensors, checkpoint_bytes, estimate_memory_warning, list_checkpoint, resolve_model_path,
-)
 from .errors import UserError
-from .model import Model, ModelArgs
+from .models import Model, ModelArgs
+from .models.config import explain_shape
+from .weights.checks import check_tensors
+from .weights.hub import resolve_model_path
+from .weights.memory import estimate_memory_warning
+from .weights.safetensors import checkpoint_bytes, list_checkpoint
 
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -34,11 +36,12 @@ def read_json(path: Path, required: bool = True) -> dict | None:
         raise UserError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-download it") from None
 
 
-def load_config(model_dir: Path) -> ModelArgs:
-    """Model hyper-parameters and generation defaults of a model directory."""
+def load_config(model_dir: Path) -> tuple[dict, ModelArgs]:
+    """`config.json` as read and the validated hyper-parameters and generation defaults
+    (with `generation_config.json`) of a model directory."""
     config = read_json(model_dir / "config.json")
     generation = read_json(model_dir / "generation_config.json", required=False)
-    return ModelArgs.from_config(config, generation)
+    return config, ModelArgs.from_config(config, generation)
 
 
 def apply_quantization(model: Model, quantization: dict, stored: set[str]) -> None:
@@ -104,15 +107,14 @@ def load_model(path, text_only: bool = False, lazy: bool = False) -> Model:
     a `MemoryWarning` when the weights need more than ~90% of this machine's memory.
     """
     model_dir = resolve_model_path(path, MODEL_PATTERNS)
-    config = read_json(model_dir / "config.json")
-    args = ModelArgs.from_config(config, read_json(model_dir / "generation_config.json", required=False))
+    config, args = load_config(model_dir)
     _refuse_foreign_quantization(config)
     model = Model(args, text_only=text_only)
     infos = model.sanitize(list_checkpoint(model_dir))
     quantization = config.get("quantization")
     if quantization:
         apply_quantization(model, quantization, set(infos))
-    check_tensors(infos, expected_shapes(model), quantized=bool(quantization), explain=model.explain_shape)
+    check_tensors(infos, expected_shapes(model), quantized=bool(quantization), explain=explain_shape)
     warning = estimate_memory_warning(checkpoint_bytes(infos))
     if warning:
         warnings.warn(warning, MemoryWarning, stacklevel=2)
@@ -144,14 +146,9 @@ def load(path, text_only: bool = True, lazy: bool = False):
     if missing:
         raise UserError(f"{model_dir} has no {missing[0]}; copy the tokenizer files into the model directory")
     model = load_model(model_dir, text_only=text_only, lazy=lazy)
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=model_eos_ids(model))
+    tokenizer = load_tokenizer(model_dir, eos_token_ids=list(model.args.eos_token_ids))
     check_vocab(tokenizer, model)
     return model, tokenizer
-
-
-def model_eos_ids(model: Model) -> list[int]:
-    eos = model.args.generation_config.get("eos_token_id") or model.args.eos_token_ids
-    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def check_vocab(tokenizer, model: Model) -> None:

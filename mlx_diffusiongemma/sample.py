@@ -50,31 +50,43 @@ def sample_categorical(probs: mx.array, key: mx.array) -> mx.array:
 
 
 @mx.compile
-def sampler_step(logits: mx.array, inv_t: mx.array, bound: mx.array, keys: mx.array):
+def sampler_step(logits: mx.array, inv_t: mx.array, bound: mx.array, keys: mx.array, pinned: mx.array):
     """One step on raw logits (B, L, V): the temperature-scaled logits and their softmax,
     the argmax canvas, the next canvas (accepted samples, fresh noise elsewhere), the
-    accepted mask and the per-position entropy of the scaled distribution."""
+    accepted mask and the per-position entropy of the scaled distribution.
+
+    `pinned` (B, L) marks positions whose tokens are given: they spend none of the entropy
+    budget (and so are always accepted)."""
     scaled = logits * inv_t
     probs, token_entropy = softmax_entropy(scaled)
     sampled = sample_categorical(probs, keys[0])
-    accepted = accept_mask(token_entropy, bound)
+    accepted = accept_mask(mx.where(pinned, 0.0, token_entropy), bound)
     next_canvas = renoise(sampled, accepted, logits.shape[-1], keys[1])
     argmax = mx.argmax(scaled, axis=-1).astype(mx.int32)
     return scaled, probs, argmax, next_canvas, accepted, token_entropy
 
 
-def is_confident(token_entropy: mx.array, threshold: float) -> bool:
-    """Mean entropy over the canvas below `threshold` (batch 1)."""
-    return token_entropy.mean().item() < threshold
+def free_mean(token_entropy: mx.array, pinned: mx.array | None) -> mx.array:
+    """Per-row mean entropy over the positions that are not pinned (0 where all are)."""
+    if pinned is None:
+        return token_entropy.mean(axis=-1)
+    free = ~pinned
+    return mx.where(free, token_entropy, 0.0).sum(axis=-1) / mx.maximum(free.sum(axis=-1), 1)
 
 
-def is_stable(argmax: mx.array, history: list[mx.array], stability_threshold: int) -> bool:
-    """The argmax canvas equals each of the last `stability_threshold` argmax canvases."""
+def pin(canvas: mx.array, pins) -> mx.array:
+    """`canvas` with the pinned positions of `pins` (a `CanvasPins` or None) set to their tokens."""
+    return canvas if pins is None else mx.where(pins.mask, pins.tokens, canvas)
+
+
+def rows_stable(argmax: mx.array, history: list[mx.array], stability_threshold: int) -> mx.array:
+    """Per row (B,): the argmax canvas equals each of the last `stability_threshold` ones."""
+    B = argmax.shape[0]
     if stability_threshold == 0:
-        return True
+        return mx.ones((B,), dtype=mx.bool_)
     if len(history) < stability_threshold:
-        return False
-    return all(mx.array_equal(argmax, h).item() for h in history[-stability_threshold:])
+        return mx.zeros((B,), dtype=mx.bool_)
+    return mx.stack([(argmax == h).all(axis=-1) for h in history[-stability_threshold:]]).all(axis=0)
 
 
 def pad_after_eos(tokens: list[int], eos_ids: set[int], pad_id: int) -> tuple[list[int], bool]:

@@ -1,4 +1,4 @@
-"""Train the small Sudoku DiffusionGemma shipped in `mlx_diffusiongemma/assets/sudoku/`.
+"""Train the small Sudoku DiffusionGemma shipped in `mlx_diffusiongemma/demos/sudoku/model/`.
 
 From a fixed seed: build the tokenizer, the config and a pool of generated puzzles;
 train with the block-diffusion objective on augmented puzzles (digit relabelling, band,
@@ -24,10 +24,10 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import Tokenizer
 
-from mlx_diffusiongemma import sudoku
-from mlx_diffusiongemma.model import Model, ModelArgs
-from mlx_diffusiongemma.tokenizer import PAD_ID, TURN_END_ID, build_tokenizer, render_prompt
-from mlx_diffusiongemma.train import TrainingArgs, count_parameters, save_checkpoint, train
+from mlx_diffusiongemma.demos.sudoku import puzzles as sudoku
+from mlx_diffusiongemma.models import Model, ModelArgs
+from mlx_diffusiongemma.demos.sudoku.tokenizer import PAD_ID, TURN_END_ID, build_tokenizer, render_prompt
+from mlx_diffusiongemma.tuner.trainer import TrainingArgs, count_parameters, save_checkpoint, train
 
 SEED = 20260501
 POOL_SEED = 1
@@ -38,7 +38,7 @@ MIN_BLANKS = 20
 CANVAS = 90
 VOCAB = 512
 EXTRA_TOKENS = ["user", "model", "thought"]
-ASSETS = Path(__file__).resolve().parents[1] / "mlx_diffusiongemma" / "assets" / "sudoku"
+ASSETS = Path(__file__).resolve().parents[1] / "mlx_diffusiongemma" / "demos" / "sudoku" / "model"
 
 SLIDING_THETA = (10 / (2 * math.pi)) ** 16  # about 1694.8; frequency k is theta ** (-k / 32)
 # Full layers rotate 16 of 64 frequency pairs, theta ** (-k / 64): frequency 2 is 2*pi/10 too.

@@ -10,9 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_diffusiongemma import GenerationSettings, Model, ModelArgs, UserError, generate_step, load_model
 from reference import make_reference
 
-RELEASED = Path(__file__).parents[2] / "shared" / "reference" / "diffusiongemma-26B-A4B-it"
-if not RELEASED.exists():
-    RELEASED = Path("/work/shared/reference/diffusiongemma-26B-A4B-it")
+RELEASED = Path(__file__).parent / "data" / "diffusiongemma-26B-A4B-it"
 
 
 def test_released_config_maps_to_exactly_the_released_tensors():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from mlx_diffusiongemma import UserError, load
-from mlx_diffusiongemma.chat import ChatSession, StopStrings, common_prefix, repair_text
-from mlx_diffusiongemma.tokenizer import build_tokenizer
+from mlx_diffusiongemma.chat import ChatSession, StopStrings, repair_text
+from mlx_diffusiongemma.prompt_cache import common_prefix
+from mlx_diffusiongemma.demos.sudoku.tokenizer import build_tokenizer
 from reference import make_reference
 
 CANVAS = 8
@@ -50,7 +51,7 @@ def fresh_logits(model, ids):
 
 
 def assert_cache_matches(session):
-    assert all(c.offset == len(session.cached_ids) for c in session.cache)
+    assert all(c.offset == len(session.prompt_cache.ids) for c in session.prompt_cache.cache)
 
 
 USER = [{"role": "user", "content": "What is 2+2?"}]
@@ -117,10 +118,10 @@ def test_logits_after_reuse_equal_a_fresh_encoding(loaded):
     session = ChatSession(model, tokenizer, **FAST)
     run(session, "Hello there, how are you today?")
     ids = session.prompt_ids(session.messages + [{"role": "user", "content": "Fine, thanks."}])
-    start = session.reuse_cache(ids)
+    start = session.prompt_cache.reuse(ids)
     assert start > WINDOW
-    model.encode(mx.array(ids[start:], dtype=mx.int32)[None], session.cache)
-    diff = mx.abs(denoise_logits(model, session.cache) - fresh_logits(model, ids)).max().item()
+    model.encode(mx.array(ids[start:], dtype=mx.int32)[None], session.prompt_cache.cache)
+    diff = mx.abs(denoise_logits(model, session.prompt_cache.cache) - fresh_logits(model, ids)).max().item()
     assert diff < 1e-5
 
 
@@ -130,12 +131,12 @@ def test_stepping_back_across_the_sliding_window_matches_fresh(loaded, prefix):
     session = ChatSession(model, tokenizer, **FAST)
     rng = np.random.RandomState(prefix)
     held = rng.randint(5, 400, 3 * WINDOW).tolist()
-    model.encode(mx.array(held, dtype=mx.int32)[None], session.cache)
-    session.cached_ids = held
+    model.encode(mx.array(held, dtype=mx.int32)[None], session.prompt_cache.cache)
+    session.prompt_cache.ids = held
     ids = held[:prefix] + rng.randint(5, 400, 7).tolist()
-    assert session.reuse_cache(ids) == common_prefix(held, ids) >= prefix
-    model.encode(mx.array(ids[prefix:], dtype=mx.int32)[None], session.cache)
-    diff = mx.abs(denoise_logits(model, session.cache) - fresh_logits(model, ids)).max().item()
+    assert session.prompt_cache.reuse(ids) == common_prefix(held, ids) >= prefix
+    model.encode(mx.array(ids[prefix:], dtype=mx.int32)[None], session.prompt_cache.cache)
+    diff = mx.abs(denoise_logits(model, session.prompt_cache.cache) - fresh_logits(model, ids)).max().item()
     assert diff < 1e-5
 
 
@@ -147,9 +148,9 @@ def test_sliding_layers_that_cannot_step_back_re_encode_from_scratch(loaded):
     turn = session.last_turn
     assert turn.reused_tokens == 0 and turn.encoded_tokens == turn.prompt_tokens
     ids = session.prompt_ids(session.messages + [{"role": "user", "content": "Good."}])
-    start = session.reuse_cache(ids)
-    model.encode(mx.array(ids[start:], dtype=mx.int32)[None], session.cache)
-    diff = mx.abs(denoise_logits(model, session.cache) - fresh_logits(model, ids)).max().item()
+    start = session.prompt_cache.reuse(ids)
+    model.encode(mx.array(ids[start:], dtype=mx.int32)[None], session.prompt_cache.cache)
+    diff = mx.abs(denoise_logits(model, session.prompt_cache.cache) - fresh_logits(model, ids)).max().item()
     assert diff < 1e-5
 
 
@@ -166,7 +167,7 @@ def test_reply_closed_mid_canvas_keeps_history_and_a_consistent_cache(loaded):
     committed = [r.committed for r in responses if r.committed is not None]
     assert len(committed) == 2
     ids = session.prompt_ids([{"role": "user", "content": "Tell me a long story."}])
-    assert session.cached_ids == ids + committed[0] + committed[1]
+    assert session.prompt_cache.ids == ids + committed[0] + committed[1]
     assert_cache_matches(session)
     assert session.messages[-1] == {"role": "assistant", "content": "".join(r.text for r in responses)}
     run(session, "Go on.")
@@ -180,7 +181,7 @@ def test_reply_closed_before_any_commit_leaves_no_turn(loaded):
     next(replies)
     replies.close()
     assert session.messages == []
-    assert session.cached_ids == session.prompt_ids([{"role": "user", "content": "Hi"}])
+    assert session.prompt_cache.ids == session.prompt_ids([{"role": "user", "content": "Hi"}])
     assert_cache_matches(session)
 
 
@@ -198,7 +199,7 @@ def test_interrupt_inside_the_encoder_drops_the_cache(loaded, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(session, "Again")
     monkeypatch.undo()
-    assert session.cached_ids == [] and all(c.offset == 0 for c in session.cache)
+    assert session.prompt_cache.ids == [] and all(c.offset == 0 for c in session.prompt_cache.cache)
     run(session, "Again")
     assert session.last_turn.reused_tokens == 0
     assert_cache_matches(session)
@@ -207,11 +208,11 @@ def test_interrupt_inside_the_encoder_drops_the_cache(loaded, monkeypatch):
 def test_context_overflow_is_a_user_error_and_changes_nothing(loaded):
     session = ChatSession(*loaded, **FAST)
     run(session, "Hello there")
-    before, cached = list(session.messages), list(session.cached_ids)
+    before, cached = list(session.messages), list(session.prompt_cache.ids)
     with pytest.raises(UserError, match="context"):
         run(session, "a " * 2100)  # the tiny model's context is 4096 positions
     assert session.messages == before
-    assert session.cached_ids == cached[: len(session.cached_ids)]
+    assert session.prompt_cache.ids == cached[: len(session.prompt_cache.ids)]
     assert_cache_matches(session)
 
 

@@ -1,4 +1,4 @@
-"""Tests for mlx_diffusiongemma.checkpoint: every bad file becomes one clear UserError."""
+"""Tests for mlx_diffusiongemma.weights: every bad file becomes one clear UserError."""
 
 from __future__ import annotations
 
@@ -20,23 +20,15 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from safetensors import safe_open
 
-from mlx_diffusiongemma.checkpoint import (
-    INDEX_NAME,
-    TensorInfo,
-    atomic_output_dir,
-    check_free_space,
-    check_tensors,
-    checkpoint_bytes,
-    estimate_memory_warning,
-    free_bytes,
-    list_checkpoint,
-    read_header,
-    resolve_model_path,
-)
+from mlx_diffusiongemma.weights.atomic import atomic_output_dir, check_free_space, free_bytes
+from mlx_diffusiongemma.weights.checks import check_tensors
+from mlx_diffusiongemma.weights.hub import resolve_model_path
+from mlx_diffusiongemma.weights.memory import estimate_memory_warning
+from mlx_diffusiongemma.weights.safetensors import INDEX_NAME, TensorInfo, checkpoint_bytes, list_checkpoint, read_header
 from mlx_diffusiongemma.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RELEASE = Path("/work/shared/reference/diffusiongemma-26B-A4B-it")
+RELEASE = Path(__file__).parent / "data" / "diffusiongemma-26B-A4B-it"
 BITS = {"BF16": 16, "F16": 16, "F32": 32, "I32": 32, "U32": 32, "F8_E4M3": 8, "F8_E5M2": 8, "F64": 64, "BOOL": 8}
 
 
@@ -697,7 +689,7 @@ def test_non_empty_output_is_refused_and_empty_one_is_reused(tmp_path):
         (tmp / "a").write_text("new")
     (out / "b").write_text("keep")
     message = error_of(lambda: atomic_output_dir(out, overwrite=False).__enter__())
-    assert message == f"output directory {out} is not empty; pass --overwrite or choose another path"
+    assert message == f"output directory {out} is not empty; choose another path or allow overwriting it"
     assert siblings(tmp_path) == ["out"] and siblings(out) == ["a", "b"]
 
 
@@ -767,7 +759,7 @@ FILE_SIZE_LIMIT_SCRIPT = textwrap.dedent("""
     import resource, signal, sys
     from pathlib import Path
     import mlx.core as mx
-    from mlx_diffusiongemma.checkpoint import atomic_output_dir
+    from mlx_diffusiongemma.weights.atomic import atomic_output_dir
     from mlx_diffusiongemma.errors import UserError
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -799,7 +791,7 @@ def test_real_file_size_limit_cleans_up(tmp_path, writer):
 KILLED_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from mlx_diffusiongemma.checkpoint import atomic_output_dir
+    from mlx_diffusiongemma.weights.atomic import atomic_output_dir
 
     with atomic_output_dir(Path(sys.argv[1]), overwrite=False) as tmp:
         (tmp / "half.safetensors").write_bytes(b"\\0" * 1000)

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 import mlx_diffusiongemma
 from mlx_diffusiongemma import cli
-from mlx_diffusiongemma.live import PlainView, printable
+from mlx_diffusiongemma.ui.live import PlainView, printable
+from mlx_diffusiongemma.ui.progress import ProgressBar
 from test_chat import tiny_chat_model
 
 FAST = ["--max-tokens", "16", "--steps", "3", "--seed", "0"]
@@ -151,12 +152,6 @@ def test_prompt_longer_than_the_context_is_a_one_line_error(short_context_dir):
     assert_one_line_error(result, "context of 64")
 
 
-def test_default_model_is_the_packaged_one(monkeypatch, tmp_path):
-    assert cli.default_model_path() == Path(mlx_diffusiongemma.__file__).parent / "assets" / "sudoku"
-    monkeypatch.setattr(cli, "default_model_path", lambda: tmp_path / "absent")
-    assert_one_line_error(invoke(["generate", "Hi"]), "--model")
-
-
 def help_text(command):
     result = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "250"})
     return " ".join(re.sub("[│╭╮╰╯─]", " ", result.stdout).split())
@@ -164,7 +159,7 @@ def help_text(command):
 
 def test_help_shows_defaults():
     text = help_text("generate")
-    assert "[default: (packaged Sudoku model)]" in text
+    assert "[default: (mlx-community/diffusiongemma-26B-A4B-it-4bit)]" in text
     assert "[default: (model's or 48)]" in text and "[default: (model's or 256)]" in text
     convert = help_text("convert")
     assert "[default: 4]" in convert and "[default: 64]" in convert and "[default: mixed]" in convert
@@ -212,6 +207,17 @@ def test_convert_refuses_a_non_empty_output_unless_overwrite(model_dir, tmp_path
     assert_one_line_error(invoke(["convert", model_dir, str(tmp_path), "--no-quantize"]), "--overwrite")
     assert (tmp_path / "keep.txt").exists()
     assert invoke(["convert", model_dir, str(tmp_path), "--no-quantize", "--overwrite"]).exit_code == 0
+
+
+def test_convert_interrupted_says_nothing_was_written(model_dir, tmp_path, monkeypatch):
+    def interrupt(self, done, total):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ProgressBar, "__call__", interrupt)
+    result = invoke(["convert", model_dir, str(tmp_path / "out"), "--no-quantize"])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert f"error: conversion interrupted; nothing was written to {tmp_path / 'out'}" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args,fragment", [

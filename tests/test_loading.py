@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import mlx_diffusiongemma.checkpoint as checkpoint
+import mlx_diffusiongemma.weights.memory as memory
 from mlx_diffusiongemma import UserError, load, load_model
-from mlx_diffusiongemma.checkpoint import INDEX_NAME
+from mlx_diffusiongemma.weights.safetensors import INDEX_NAME
 from mlx_diffusiongemma.convert import convert
 from mlx_diffusiongemma.loading import MemoryWarning
 from reference import make_reference
@@ -109,7 +109,7 @@ def test_converted_4bit_model_loads_lazily(tmp_path):
 
 
 def test_memory_warning(reference, monkeypatch):
-    monkeypatch.setattr(checkpoint, "physical_memory_bytes", lambda: 1_000_000)
+    monkeypatch.setattr(memory, "physical_memory_bytes", lambda: 1_000_000)
     with pytest.warns(MemoryWarning, match="GB of memory"):
         load_model(reference[0], text_only=True, lazy=True)
 
@@ -198,3 +198,13 @@ def test_quantization_block_that_contradicts_the_weights(tmp_path):
     with pytest.raises(UserError, match="experts.*has shape .* expected") as e:
         load_model(out)
     assert "\n" not in str(e.value)
+
+
+def test_shape_mismatch_names_the_config_fields_once(reference, tmp_path):
+    path = copy_of(reference, tmp_path)
+    edit_config(path, lambda c: c["text_config"].update(vocab_size=VOCAB + 8))
+    with pytest.raises(UserError) as e:
+        load_model(path)
+    message = str(e.value)
+    assert "(set by config.json text_config.vocab_size x hidden_size)" in message
+    assert message.count("set by") == 1

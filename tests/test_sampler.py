@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_diffusiongemma.sample import (
-    accept_mask, is_stable, pad_after_eos, sample_categorical, sampler_step, softmax_entropy, temperature,
+    accept_mask, free_mean, rows_stable, pad_after_eos, sample_categorical, sampler_step, softmax_entropy, temperature,
 )
 
 
@@ -47,11 +47,16 @@ def test_temperature_schedule_counts_down_linearly():
 
 
 def test_stability_needs_matching_history():
-    a, b = mx.array([1, 2, 3]), mx.array([1, 2, 4])
-    assert not is_stable(a, [], 1)
-    assert is_stable(a, [b, a], 1)
-    assert not is_stable(a, [b, a], 2)
-    assert is_stable(a, [], 0)
+    a, b = mx.array([[1, 2, 3]]), mx.array([[1, 2, 4]])
+    assert not rows_stable(a, [], 1).item()
+    assert rows_stable(a, [b, a], 1).item()
+    assert not rows_stable(a, [b, a], 2).item()
+    assert rows_stable(a, [], 0).item()
+
+
+def test_stability_is_per_row():
+    a, b = mx.array([[1, 2, 3], [4, 5, 6]]), mx.array([[1, 2, 3], [4, 5, 7]])
+    assert rows_stable(a, [b], 1).tolist() == [True, False]
 
 
 def test_pad_after_first_eos():
@@ -59,9 +64,11 @@ def test_pad_after_first_eos():
     assert pad_after_eos([5, 6], {1}, 0) == ([5, 6], False)
 
 
-def step(logits, seed, inv_t=1.0, bound=0.1):
+def step(logits, seed, inv_t=1.0, bound=0.1, pinned=None):
     keys = mx.random.split(mx.random.key(seed))
-    return sampler_step(mx.array(logits), mx.array(inv_t), mx.array(bound), keys)
+    logits = mx.array(logits)
+    pinned = mx.zeros(logits.shape[:-1], dtype=mx.bool_) if pinned is None else mx.array(pinned)
+    return sampler_step(logits, mx.array(inv_t), mx.array(bound), keys, pinned)
 
 
 def test_sampler_step_keeps_confident_positions_and_renoises_the_rest():
@@ -97,3 +104,20 @@ def test_categorical_draws_follow_the_distribution():
     probs = mx.broadcast_to(mx.array([0.1, 0.0, 0.6, 0.3]), (20000, 4))
     draws = np.array(sample_categorical(probs, mx.random.key(0)))
     assert np.allclose(np.bincount(draws, minlength=4) / 20000, [0.1, 0.0, 0.6, 0.3], atol=0.015)
+
+
+def test_pinned_positions_spend_no_entropy_budget():
+    confident = [0.0, 40.0, 0.0, 0.0] + [0.0] * 60
+    wide, narrow = [0.0] * 64, [0.0] * 32 + [-1e9] * 32
+    logits = [[confident, wide, confident, narrow]]
+    # Unpinned, the narrow position's entropy (ln 32) lies below the wide one and exhausts the budget.
+    assert np.array(step(logits, seed=3)[4]).tolist() == [[True, False, True, True]]
+    accepted = step(logits, seed=3, pinned=[[False, False, False, True]])[4]
+    assert np.array(accepted).tolist() == [[True, True, True, True]]
+
+
+def test_mean_entropy_of_free_positions_only():
+    h = mx.array([[1.0, 3.0, 100.0], [2.0, 2.0, 2.0]])
+    pinned = mx.array([[False, False, True], [True, True, True]])
+    assert free_mean(h, pinned).tolist() == [2.0, 0.0]
+    assert free_mean(h, None).tolist() == pytest.approx([104 / 3, 2.0])

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mlx_diffusiongemma.generate import CommittedText
-from mlx_diffusiongemma.tokenizer import EOS_ID, TURN_END_ID, build_tokenizer
+from mlx_diffusiongemma.demos.sudoku.tokenizer import EOS_ID, TURN_END_ID, build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mlx_diffusiongemma.sudoku import (
+from mlx_diffusiongemma.demos.sudoku.puzzles import (
     cell_accuracy,
     count_blanks,
     format_grid,

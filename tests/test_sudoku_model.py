@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_map
 
-from mlx_diffusiongemma import sudoku
-from mlx_diffusiongemma.sudoku_solver import DEFAULT_MODEL, load_solver, normalize, solve_puzzle
+from mlx_diffusiongemma.demos.sudoku import puzzles as sudoku
+from mlx_diffusiongemma.demos.sudoku.solver import DEFAULT_MODEL, load_solver, normalize, solve_puzzle
 
 # Held out: the training script draws its puzzles from seed 1. The shipped model solves
 # about 96% of 30-blank puzzles (benchmarks/README.md), 8 of these 8.
@@ -70,8 +70,21 @@ def test_normalize_accepts_zeros_and_rows():
 def test_quickstart_command():
     env = dict(os.environ, COLUMNS="100")
     out = subprocess.run(
-        [sys.executable, "-m", "mlx_diffusiongemma.sudoku_solver", "--blanks", "30", "--seed", "5"],
+        [sys.executable, "-m", "mlx_diffusiongemma.demos.sudoku", "--blanks", "30", "--seed", "5"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "solved" in out.stdout and "not solved" not in out.stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--blanks", "70"], "blanks must be in 0..60, got 70"),
+    (["--blanks", "-1"], "blanks must be in 0..60, got -1"),
+    (["--puzzle", "12"], "81 cells"),
+])
+def test_module_entry_point_bad_options_are_one_line(args, fragment):
+    out = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma.demos.sudoku", *args],
+                         capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert fragment in lines[0]

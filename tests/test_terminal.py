@@ -22,7 +22,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mlx_diffusiongemma import GenerationResponse, cli
-from mlx_diffusiongemma.live import LiveView, printable
+from mlx_diffusiongemma.ui.live import LiveView, printable
 from test_chat import tiny_chat_model
 
 COLS, ROWS = 200, 50
@@ -235,6 +235,15 @@ def test_uncached_hub_id_offline_is_one_line(tmp_path):
     lines = proc.stderr.decode().strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ")
     assert "someone/not-cached-model" in lines[0]
+
+
+@pytest.mark.parametrize("command,stdin", [("generate", b""), ("chat", b"Hi\n")])
+def test_default_model_offline_and_uncached_names_the_offline_demo(tmp_path, command, stdin):
+    args = ["generate", "Hi"] if command == "generate" else ["chat"]
+    proc = run(args, stdin, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    lines = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "mlx-community/diffusiongemma-26B-A4B-it-4bit" in lines[0] and "mlx-diffusiongemma sudoku" in lines[0]
 
 
 def response(text="", draft="", canvas=0, step=1, committed=None):

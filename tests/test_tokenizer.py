@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from mlx_diffusiongemma.tokenizer import (
+from mlx_diffusiongemma.demos.sudoku.tokenizer import (
     GEMMA4_SPECIAL_TOKENS,
     build_tokenizer,
     render_prompt,

@@ -4,9 +4,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_diffusiongemma.loading import load_model
-from mlx_diffusiongemma.model import Model, ModelArgs
-from mlx_diffusiongemma.train import (
-    TrainingArgs, checkpoint_weights, corrupt, diffusion_loss, encode_prompt, make_trainable,
+from mlx_diffusiongemma.models import Model, ModelArgs
+from mlx_diffusiongemma.tuner.trainer import (
+    TrainingArgs, checkpoint_weights, corrupt, diffusion_loss, encoded_cache, make_trainable,
     save_checkpoint, train,
 )
 
@@ -67,10 +67,10 @@ def test_gradients_reach_encoder_scalars_and_router():
         assert mx.abs(flat[name]).sum().item() > 0, name
 
 
-def test_encode_prompt_fills_the_same_cache_as_model_encode():
+def test_encoded_cache_fills_the_same_cache_as_model_encode():
     model = tiny_model()
     prompts, _ = batch()
-    ours, reference = encode_prompt(model, prompts), model.make_cache()
+    ours, reference = encoded_cache(model, prompts), model.make_cache()
     model.encode(prompts, reference)
     for a, b in zip(ours, reference):
         assert a.offset == b.offset

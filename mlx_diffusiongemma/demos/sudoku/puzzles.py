@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+from ...errors import UserError
+
 DIGITS = "123456789"
 BLANK = "."
 # Unique puzzles can have up to 64 blanks, but removing cells in random order
@@ -29,7 +31,8 @@ _UNITS = (
     + [[r * 9 + c for r in range(9)] for c in range(9)]
     + [[b // 3 * 27 + b % 3 * 3 + r * 9 + c for r in range(3) for c in range(3)] for b in range(9)]
 )
-_PEERS = [
+# The 20 cells that share a row, column or box with each cell.
+PEERS = [
     sorted({j for unit in _UNITS if i in unit for j in unit} - {i}) for i in range(81)
 ]
 
@@ -141,7 +144,7 @@ def _ambiguous_without(cells: list[int], cell: int) -> bool:
     put a different digit there: try each alternative and look for one completion.
     """
     taken = 1 << (cells[cell] - 1)
-    for peer in _PEERS[cell]:
+    for peer in PEERS[cell]:
         if cells[peer]:
             taken |= 1 << (cells[peer] - 1)
     trial = list(cells)
@@ -179,7 +182,7 @@ def generate(
     unique, a fresh grid is drawn, up to ``max_attempts`` times.
     """
     if not 0 <= blanks <= MAX_BLANKS:
-        raise ValueError(f"blanks must be in 0..{MAX_BLANKS}, got {blanks}")
+        raise UserError(f"blanks must be in 0..{MAX_BLANKS}, got {blanks}; choose fewer blanks")
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
     for _ in range(max_attempts):

@@ -8,7 +8,7 @@ Text generation never touches them, and `text_only` loading leaves them out enti
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _field(cfg: dict, key: str):

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from .model import Router
+from ..models.diffusion_gemma import Router
 
 # Checkpoint names of the fused expert tensors carry no `.weight` suffix.
 EXPERT_SUFFIXES = (".experts.gate_up_proj.weight", ".experts.down_proj.weight")
@@ -35,12 +35,8 @@ class DetachedRouter(Router):
     several gathers; gradients still reach the router through the chosen experts' weights.
     """
 
-    def __call__(self, h: mx.array) -> tuple[mx.array, mx.array]:
-        z = mx.fast.rms_norm(h, None, self.eps) * self.scale * (h.shape[-1] ** -0.5)
-        probs = mx.softmax(self.proj(z).astype(mx.float32), axis=-1)
-        idx = mx.stop_gradient(mx.argpartition(-probs, kth=self.k - 1, axis=-1)[..., : self.k])
-        top = mx.take_along_axis(probs, idx, axis=-1)
-        return idx, top / top.sum(axis=-1, keepdims=True) * self.per_expert_scale[idx]
+    def top_k(self, probs: mx.array) -> mx.array:
+        return mx.stop_gradient(super().top_k(probs))
 
 
 def make_trainable(model) -> None:
@@ -52,22 +48,11 @@ def make_trainable(model) -> None:
             layer.router = router
 
 
-def encode_prompt(model, prompt_ids: mx.array) -> list:
-    """Differentiable causal encoder pass over `prompt_ids` (B, L) into fresh caches.
-
-    Same computation as `Model.encode` but in one chunk and without evaluating, so
-    gradients flow from the decoder's loss back through the cached keys and values.
-    """
+def encoded_cache(model, prompt_ids: mx.array) -> list:
+    """Fresh caches holding a differentiable causal encoder pass over `prompt_ids` (B, L):
+    `Model.encode` in one unevaluated chunk, so the decoder's loss reaches the encoder."""
     cache = model.make_cache()
-    decoder = model.model.decoder
-    scalars = model.model.encoder.language_model.layers
-    x = decoder.embed(prompt_ids)
-    last = len(model.layers) - 1
-    grouped = getattr(model, "moe_grouped", False)
-    for i, (layer, c) in enumerate(zip(model.layers, cache)):
-        x = layer.attend(x, c, decoding=False)
-        if i < last:
-            x = layer.feed_forward(x, scalars[i].layer_scalar, grouped)
+    model.encode_chunk(prompt_ids, cache)
     return cache
 
 
@@ -94,7 +79,7 @@ def diffusion_loss(
 ) -> mx.array:
     """Weighted mean cross-entropy of the clean canvas `targets` (B, canvas) given the
     prompt and a corrupted canvas (see `corrupt`); positions left clean weigh `clean_weight`."""
-    cache = encode_prompt(model, prompt_ids)
+    cache = encoded_cache(model, prompt_ids)
     noisy, replaced = corrupt(targets, model.args.vocab_size, key, noise_exponent)
     signal = None
     if self_condition:

@@ -12,7 +12,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from .generate import GenerationResponse
+from ..generate import GenerationResponse
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # Gemma 4 wraps thoughts in <|channel>thought\n ... <channel|>.

@@ -1,16 +1,7 @@
-"""Solve Sudoku puzzles with the small DiffusionGemma shipped in the package.
+"""Solving Sudoku with a small DiffusionGemma: the puzzle is the user turn of a Gemma 4 chat
+(nine rows of digits, '.' for blanks) and the model answers with the completed grid in one
+canvas, denoised in parallel. `show_solve` draws the grid resolving on a terminal."""
 
-The puzzle is the user turn of a Gemma 4 chat (nine rows of digits, '.' for blanks);
-the model answers with the completed grid in one canvas, denoised in parallel:
-
-    python -m mlx_diffusiongemma.sudoku_solver                  # a generated puzzle
-    python -m mlx_diffusiongemma.sudoku_solver --blanks 50 --seed 3
-    python -m mlx_diffusiongemma.sudoku_solver --puzzle "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
-"""
-
-import argparse
-import random
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -19,12 +10,12 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from . import sudoku
-from .errors import UserError
-from .generate import GenerationResponse, stream_generate
-from .loading import load
+from ...errors import UserError
+from ...generate import GenerationResponse, stream_generate
+from ...loading import load
+from . import puzzles as sudoku
 
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "sudoku"
+DEFAULT_MODEL = Path(__file__).parent / "model"
 UNKNOWN = "?"
 
 
@@ -97,14 +88,8 @@ def conflicts(cells: str) -> set[int]:
     bad = set()
     for i, ch in enumerate(cells):
         if ch in sudoku.DIGITS:
-            bad |= {j for j in peers(i) if cells[j] == ch}
+            bad |= {j for j in sudoku.PEERS[i] if cells[j] == ch}
     return bad
-
-
-def peers(i: int) -> list[int]:
-    r, c = divmod(i, 9)
-    box = [(r // 3 * 3 + a) * 9 + c // 3 * 3 + b for a in range(3) for b in range(3)]
-    return [j for j in {*(r * 9 + k for k in range(9)), *(k * 9 + c for k in range(9)), *box} if j != i]
 
 
 def status_line(r: GenerationResponse) -> str:
@@ -129,44 +114,3 @@ def show_solve(puzzle: str, model, tokenizer, console: Console, live: bool, **se
             style="dim",
         )
     return answer
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m mlx_diffusiongemma.sudoku_solver",
-        description="Solve a Sudoku with the small DiffusionGemma shipped in the package.",
-    )
-    parser.add_argument("--puzzle", help="81 cells row by row, '.' or '0' for blanks (default: generate one)")
-    parser.add_argument("--blanks", type=int, default=sudoku.DEFAULT_BLANKS,
-                        help=f"blanks in a generated puzzle (default {sudoku.DEFAULT_BLANKS})")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the generated puzzle")
-    parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the denoising sampler")
-    parser.add_argument("--model", default=None, help="a Sudoku model directory (default: the shipped one)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    """Command line entry point: solve one puzzle and show the canvas resolving."""
-    args = parse_args(argv)
-    console = Console(highlight=False)
-    try:
-        if args.puzzle is not None:
-            puzzle = normalize(args.puzzle)
-        else:
-            seed = random.randrange(2**31) if args.seed is None else args.seed
-            puzzle, _ = sudoku.generate(seed, args.blanks)
-            console.print(f"puzzle: {args.blanks} blanks, seed {seed}", style="dim")
-        if not sudoku.solve(puzzle, limit=1):
-            raise UserError("this puzzle has no solution (its givens conflict)")
-        model, tokenizer = load_solver(args.model)
-        answer = show_solve(puzzle, model, tokenizer, console, console.is_terminal, seed=args.sampler_seed)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    solved = sudoku.is_solved(answer, puzzle)
-    console.print("solved" if solved else "not solved", style="bold green" if solved else "bold red")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Options shared by the commands, named after `GenerationSettings`, and model loading."""
+
+from typing import Annotated
+
+import typer
+
+from ..chat import ChatSession
+from ..errors import UserError
+from ..generate import REFERENCE_DEFAULTS
+from ..weights.hub import DEFAULT_MODEL
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value} is not > 0.")
+    return value
+
+
+# Sampling defaults come from the model's generation_config.json, else the reference's.
+_FROM_CONFIG = "model's or {}"
+
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Model directory or Hugging Face repo id.", show_default=DEFAULT_MODEL)]
+MaxTokensOption = Annotated[int | None, typer.Option(
+    min=1, help="Most tokens to generate; whole canvases are written.",
+    show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["max_tokens"]))]
+StepsOption = Annotated[int | None, typer.Option(
+    "--steps", min=1, help="Most denoising steps per canvas.",
+    show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["max_denoising_steps"]))]
+TMinOption = Annotated[float | None, typer.Option(
+    min=0.0, help="Temperature of the last denoising step.",
+    show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["t_min"]))]
+TMaxOption = Annotated[float | None, typer.Option(
+    min=0.0, help="Temperature of the first denoising step (must exceed --t-min).",
+    show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["t_max"]))]
+EntropyOption = Annotated[float | None, typer.Option(
+    callback=_positive, help="Entropy budget (nats) for accepting sampled tokens each step.",
+    show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["entropy_bound"]))]
+SeedOption = Annotated[int | None, typer.Option(
+    help="Random seed for reproducible output.", show_default="a fresh seed each run")]
+SystemOption = Annotated[str | None, typer.Option(help="System prompt.", show_default="none")]
+ThinkOption = Annotated[bool, typer.Option(
+    "--think/--no-think", help="Let the model think before answering.")]
+StopOption = Annotated[list[str] | None, typer.Option(
+    "--stop", help="End the reply where this text appears, cutting it (repeatable).", show_default="none")]
+
+
+def settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) -> dict:
+    """The `GenerationSettings` overrides the shared options give."""
+    if t_min is not None and t_max is not None and t_max <= t_min:
+        raise UserError(f"--t-max ({t_max}) must be greater than --t-min ({t_min})")
+    return dict(max_tokens=max_tokens, max_denoising_steps=steps, t_min=t_min, t_max=t_max,
+                entropy_bound=entropy_bound, seed=seed)
+
+
+def load_model_option(model: str | None):
+    """`(model, tokenizer)` of --model, the mlx-community 4-bit conversion by default."""
+    # Imported here so `--help` does not pay for importing mlx-lm and transformers.
+    from ..loading import load
+
+    if model is not None:
+        return load(model)
+    try:
+        return load(DEFAULT_MODEL)
+    except UserError as e:
+        raise UserError(f"{e} (no --model given: the default is {DEFAULT_MODEL}; "
+                        "`mlx-diffusiongemma sudoku` runs the offline demo)") from None
+
+
+def session_for(model, settings: dict, system, think, stop, keep=None):
+    """A `ChatSession` on --model with the given settings."""
+    model, tokenizer = load_model_option(model)
+    return ChatSession(model, tokenizer, system=system, thinking=think, stop=stop or (),
+                       keep=keep, **settings)

@@ -1,0 +1,1 @@
+"""Demonstrations built on the public API, apart from the core: `sudoku`."""

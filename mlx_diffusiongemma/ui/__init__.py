@@ -1,0 +1,1 @@
+"""What the terminal shows: the live canvas view (`live`) and progress bars (`progress`)."""
