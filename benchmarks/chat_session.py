@@ -27,6 +27,7 @@ import torch
 from mlx_diffusiongemma import generate_step, load
 from mlx_diffusiongemma.chat import ChatSession
 from mlx_diffusiongemma.demos.sudoku.tokenizer import build_tokenizer
+from mlx_diffusiongemma.models.tiny import tiny_config
 
 CANVAS = 32
 SHAPE = dict(
@@ -35,11 +36,7 @@ SHAPE = dict(
     global_head_dim=128, num_global_key_value_heads=1,
     layer_types=["sliding_attention"] * 5 + ["full_attention"], sliding_window=128,
     num_experts=16, top_k_experts=2, max_position_embeddings=8192,
-    use_bidirectional_attention="vision",
 )
-# A tiny vision tower keeps the checkpoint small; it is not loaded.
-VISION = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-              num_attention_heads=2, num_key_value_heads=2, head_dim=16, global_head_dim=16)
 MESSAGE = "Turn {}: tell me one more thing about block diffusion, briefly."
 
 
@@ -48,7 +45,10 @@ def write_model(path: Path) -> Path:
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(0)
-    config = DiffusionGemmaConfig(text_config=SHAPE, vision_config=VISION, canvas_length=CANVAS)
+    # The shared tiny config (its tiny vision tower keeps the checkpoint small) at this preset's sizes.
+    tiny = tiny_config(CANVAS, **SHAPE)
+    config = DiffusionGemmaConfig(text_config=tiny["text_config"], vision_config=tiny["vision_config"],
+                                  canvas_length=CANVAS)
     DiffusionGemmaForBlockDiffusion(config).eval().save_pretrained(path)
     build_tokenizer(path, vocab_size=SHAPE["vocab_size"])
     return path

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from common import RELEASE
 
-from mlx_diffusiongemma.weights.safetensors import INDEX_NAME
 from mlx_diffusiongemma.loading import expected_shapes
 from mlx_diffusiongemma.models import Model, ModelArgs
+from mlx_diffusiongemma.weights.safetensors import INDEX_NAME
 
-RELEASE = Path("/work/shared/reference/diffusiongemma-26B-A4B-it")
 RECIPES = {"mixed 4-bit (default)": {}, "8-bit": {"recipe": "8bit"}, "bf16, no quantization": {"quantize": False}}
 
 CHILD = """

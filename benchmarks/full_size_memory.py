@@ -26,14 +26,18 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from common import RELEASE
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_diffusiongemma.weights.safetensors import TensorInfo
-from mlx_diffusiongemma.convert import plan_conversion, quantization_block, recipe_default
+from mlx_diffusiongemma.convert import (
+    plan_conversion,
+    quantization_block,
+    recipe_default,
+)
 from mlx_diffusiongemma.loading import apply_quantization, expected_shapes
 from mlx_diffusiongemma.models import Model, ModelArgs
+from mlx_diffusiongemma.weights.safetensors import TensorInfo
 
-RELEASE = Path("/work/shared/reference/diffusiongemma-26B-A4B-it")
 PROMPT, CANVAS = 64, 256
 
 

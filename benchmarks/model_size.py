@@ -9,15 +9,15 @@ planning (`plan_conversion`, i.e. the model's quant_predicate) to count output b
 
 import json
 import math
-from pathlib import Path
 
-from mlx_diffusiongemma.weights.checks import check_tensors
-from mlx_diffusiongemma.weights.safetensors import INDEX_NAME, TensorInfo
+from common import RELEASE
+
 from mlx_diffusiongemma.convert import plan_conversion
 from mlx_diffusiongemma.loading import expected_shapes
 from mlx_diffusiongemma.models import Model, ModelArgs
+from mlx_diffusiongemma.weights.checks import check_tensors
+from mlx_diffusiongemma.weights.safetensors import INDEX_NAME, TensorInfo
 
-RELEASE = Path("/work/shared/reference/diffusiongemma-26B-A4B-it")
 RECIPES = {
     "mixed 4-bit (default: experts 4-bit, rest 8-bit g64)": dict(q_bits=4),
     "mixed 3-bit experts": dict(q_bits=3),

@@ -21,16 +21,15 @@ import mlx.core as mx
 import numpy as np
 import torch
 
+from mlx_diffusiongemma.models.tiny import tiny_config
+
 SHAPE = dict(
     vocab_size=32768, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
     num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
     global_head_dim=128, num_global_key_value_heads=2,
     layer_types=["sliding_attention"] * 5 + ["full_attention"], sliding_window=1024,
     num_experts=32, top_k_experts=4, max_position_embeddings=8192,
-    use_bidirectional_attention="vision",
 )
-VISION = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-              num_attention_heads=2, num_key_value_heads=2, head_dim=16, global_head_dim=16)
 CANVAS, PROMPT, T, BOUND = 256, 512, 0.6, 0.1
 
 
@@ -39,7 +38,10 @@ def write_checkpoint(path: Path):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(0)
-    config = DiffusionGemmaConfig(text_config=SHAPE, vision_config=VISION, canvas_length=CANVAS)
+    # The shared tiny config (its tiny vision tower keeps the checkpoint small) at this preset's sizes.
+    tiny = tiny_config(CANVAS, **SHAPE)
+    config = DiffusionGemmaConfig(text_config=tiny["text_config"], vision_config=tiny["vision_config"],
+                                  canvas_length=CANVAS)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     model.save_pretrained(path)
     config = json.loads((path / "config.json").read_text())

@@ -24,10 +24,19 @@ import mlx.core as mx
 from mlx_lm.utils import dequantize_model
 
 from mlx_diffusiongemma.demos.sudoku import puzzles as sudoku
-from mlx_diffusiongemma.generate import REFERENCE_DEFAULTS, GenerationSettings, encode_text
+from mlx_diffusiongemma.demos.sudoku.solver import (
+    DEFAULT_MODEL,
+    puzzle_prompt,
+    stream_solve,
+)
+from mlx_diffusiongemma.generate import (
+    REFERENCE_DEFAULTS,
+    GenerationSettings,
+    encode_text,
+    generate_step,
+)
 from mlx_diffusiongemma.loading import load
-from mlx_diffusiongemma.sample import pad_after_eos, sampler_step, temperature
-from mlx_diffusiongemma.demos.sudoku.solver import DEFAULT_MODEL, puzzle_prompt, stream_solve
+from mlx_diffusiongemma.sample import pad_after_eos
 
 EVAL_SEED = 7_000_000
 # Sampler settings are chosen on other puzzles than the ones they are reported on.
@@ -66,7 +75,7 @@ def sequential(model, tokenizer, puzzle: str, seed: int) -> dict:
     tic = time.perf_counter()
     s = GenerationSettings.resolve(model, seed=seed)
     cache = model.make_cache()
-    model.encode(mx.array(encode_prompt(tokenizer, puzzle_prompt(tokenizer, puzzle)))[None], cache)
+    model.encode(mx.array(prompt_batch(tokenizer, [(puzzle, None)])), cache)
     L, V = model.args.canvas_length, model.args.vocab_size
     canvas = mx.random.randint(0, V, (1, L), dtype=mx.int32, key=mx.random.key(seed))
     scaled, tokens = None, []
@@ -86,38 +95,12 @@ def sequential(model, tokenizer, puzzle: str, seed: int) -> dict:
 
 
 def batched_diffusion(model, tokenizer, cases: list[tuple[str, str]], seed: int, **settings) -> list[dict]:
-    """The sampler of `generate_step` run on a batch of puzzles (same prompt length):
-    each row stops on its own stable-and-confident rule; finished rows ride along unchanged."""
+    """`generate_step` on a batch of puzzles (same prompt length): each row stops on its own
+    stable-and-confident rule and keeps the canvas it stopped on."""
     s = GenerationSettings.resolve(model, seed=seed, **settings)
-    cache = prefill(model, tokenizer, cases)
-    B, L, V = len(cases), model.args.canvas_length, model.args.vocab_size
-    key = mx.random.key(seed)
-    key, noise_key = mx.random.split(key)
-    canvas = mx.random.randint(0, V, (B, L), dtype=mx.int32, key=noise_key)
-    bound = mx.array(s.entropy_bound, dtype=mx.float32)
-    scaled, probs, history, final, steps = None, None, [], [None] * B, [0] * B
-    for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
-        key, step_key = mx.random.split(key)
-        logits = model.denoise(canvas, cache, scaled, self_conditioning_probs=probs)
-        inv_t = mx.array(1.0 / temperature(cur_step, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)
-        scaled, probs, argmax, canvas, _, entropy = sampler_step(logits, inv_t, bound, mx.random.split(step_key))
-        stop = (entropy.mean(axis=-1) < s.confidence_threshold) & rows_stable(argmax, history, s.stability_threshold)
-        history = (history + [argmax])[-max(s.stability_threshold, 1):]
-        for i, (done, row) in enumerate(zip(stop.tolist(), argmax.tolist())):
-            if final[i] is None and (done or cur_step == 1):
-                final[i], steps[i] = row, n
-        if all(f is not None for f in final):
-            break
-    return [score_tokens(tokenizer, s, row, n) for row, n in zip(final, steps)]
-
-
-def rows_stable(argmax: mx.array, history: list[mx.array], k: int) -> mx.array:
-    """Per row: the argmax equals each of the last `k` argmax canvases."""
-    if k == 0:
-        return mx.ones(argmax.shape[:1], dtype=mx.bool_)
-    if len(history) < k:
-        return mx.zeros(argmax.shape[:1], dtype=mx.bool_)
-    return mx.stack([(argmax == h).all(axis=-1) for h in history[-k:]]).all(axis=0)
+    for event in generate_step(model, prompt_batch(tokenizer, cases), settings=s):
+        if event.committed is not None:
+            return [score_tokens(tokenizer, s, row, n) for row, n in zip(event.committed, event.step)]
 
 
 def batched_sequential(model, tokenizer, cases: list[tuple[str, str]], seed: int) -> list[dict]:
@@ -143,10 +126,13 @@ def batched_sequential(model, tokenizer, cases: list[tuple[str, str]], seed: int
     return results
 
 
+def prompt_batch(tokenizer, cases: list[tuple[str, str]]) -> list[list[int]]:
+    return [encode_text(tokenizer, puzzle_prompt(tokenizer, p)) for p, _ in cases]
+
+
 def prefill(model, tokenizer, cases: list[tuple[str, str]]) -> list:
-    ids = [encode_prompt(tokenizer, puzzle_prompt(tokenizer, p)) for p, _ in cases]
     cache = model.make_cache()
-    model.encode(mx.array(ids), cache)
+    model.encode(mx.array(prompt_batch(tokenizer, cases)), cache)
     return cache
 
 

@@ -182,10 +182,11 @@ class StepEvent:
 
     For a single prompt `argmax` is (canvas,), `accepted` an int, `mean_entropy` a float
     and `committed` a list of ids; for a batch each is per row ((B, canvas) and lists).
+    On a committed canvas `step` is the step at which the row stopped (per row in a batch).
     """
 
     canvas: int
-    step: int
+    step: int | list[int]
     argmax: mx.array
     accepted: int | list[int]
     mean_entropy: float | list[float]
@@ -233,7 +234,7 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings):
     for c in range(n_canvases):
         pins = canvas_pins(s, c, B, L)
         # One key chain runs through every canvas and step of the generation.
-        key, last = yield from _denoise_canvas(model, cache, s, c, key, pins, B, prompt_seconds)
+        key, last, steps = yield from _denoise_canvas(model, cache, s, c, key, pins, B, prompt_seconds)
         prompt_seconds = None
         committed, finish = [], []
         for row, done in zip(last.argmax.tolist(), ended):
@@ -241,7 +242,7 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings):
             committed.append([args.pad_token_id] * L if done else tokens)
             finish.append("stop" if done or found else ("length" if c == n_canvases - 1 else None))
         ended = [f == "stop" for f in finish]
-        yield StepEvent(c, last.step, last.argmax, last.accepted, last.mean_entropy, committed, finish)
+        yield StepEvent(c, steps, last.argmax, last.accepted, last.mean_entropy, committed, finish)
         if all(f is not None for f in finish):
             return
         model.encode(last.argmax, cache)
@@ -250,7 +251,8 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings):
 def _unbatched(e: StepEvent) -> StepEvent:
     finish = e.finish_reason[0] if e.committed is not None else None
     committed = e.committed[0] if e.committed is not None else None
-    return StepEvent(e.canvas, e.step, e.argmax[0], e.accepted[0], e.mean_entropy[0], committed, finish,
+    step = e.step[0] if e.committed is not None else e.step
+    return StepEvent(e.canvas, step, e.argmax[0], e.accepted[0], e.mean_entropy[0], committed, finish,
                      e.prompt_seconds)
 
 
@@ -310,7 +312,7 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
                     pins: CanvasPins | None, B: int, prompt_seconds: float | None):
     """Yield a StepEvent per step of one canvas until every row met its stop test; the last
     event's `argmax` holds each row's canvas as it stood when that row stopped. Returns
-    the key chain's next key and the last event."""
+    the key chain's next key, the last event and the step at which each row stopped."""
     L, V = model.args.canvas_length, model.args.vocab_size
     key, noise_key = mx.random.split(key)
     if s.initial_canvas is not None:
@@ -320,12 +322,12 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
     if pins is not None and pins.all_pinned:
         event = StepEvent(index, 0, pins.tokens, [L] * B, [0.0] * B, prompt_seconds=prompt_seconds)
         yield event
-        return key, event
+        return key, event, [0] * B
     pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
     bias = _eos_bias(s, V, pins)
     bound = mx.array(s.entropy_bound, dtype=mx.float32)
     scaled, probs, history = None, None, []
-    final, done = None, mx.zeros((B,), dtype=mx.bool_)
+    final, done, steps = None, mx.zeros((B,), dtype=mx.bool_), [0] * B
     for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
         key, step_key = mx.random.split(key)
         canvas = pin(canvas, pins)
@@ -347,19 +349,26 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
                           prompt_seconds=prompt_seconds)
         prompt_seconds = None
         yield event
-        if done.all().item():
+        steps = [m or (n if d else 0) for m, d in zip(steps, done.tolist())]
+        if all(steps):
             break
-    return key, event
+    return key, event, [m or n for m in steps]
+
+
+_BANNED_LOGIT = -1e9
 
 
 def _eos_bias(s: GenerationSettings, vocab_size: int, pins: CanvasPins | None) -> mx.array | None:
-    """-inf on EOS logits at free positions before a later pinned one (see `pinned`)."""
+    """A logit far below any other on EOS ids at free positions before a later pinned one
+    (see `pinned`)."""
     if pins is None or not s.eos_token_ids:
         return None
     is_eos = mx.zeros((vocab_size,), dtype=mx.bool_)
     is_eos[mx.array(list(s.eos_token_ids))] = True
     banned = pins.no_eos[..., None] & is_eos
-    return mx.where(banned, -mx.inf, 0.0).astype(mx.float32)
+    # Finite, not -inf: the entropy sums p * logit, and 0 * -inf would be NaN there (which
+    # breaks acceptance and the stop test); exp of this underflows to exactly 0 all the same.
+    return mx.where(banned, _BANNED_LOGIT, 0.0).astype(mx.float32)
 
 
 @dataclass
@@ -454,7 +463,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], cache: list |
             tic = time.perf_counter()
         text = ""
         if ev.committed is None:
-            forwards += 1
+            # Step 0 is a fully pinned canvas, committed without a decoder forward.
+            forwards += ev.step > 0
         else:
             steps.append(ev.step)
             generated += sum(t != model.args.pad_token_id for t in ev.committed)

@@ -6,34 +6,12 @@ import numpy as np
 import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-TINY_TEXT = dict(
-    vocab_size=160,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    global_head_dim=32,
-    num_global_key_value_heads=1,
-    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-    sliding_window=16,
-    num_experts=8,
-    top_k_experts=2,
-    max_position_embeddings=4096,
-    use_bidirectional_attention="vision",
-)
-TINY_VISION = dict(
-    model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=2, head_dim=16, global_head_dim=16,
-)
-
+from mlx_diffusiongemma.models.tiny import tiny_config as tiny_config_dict
 
 def tiny_config(canvas_length: int = 8, **text) -> DiffusionGemmaConfig:
-    """A small config with every architectural feature of the released model. The vision
-    tower is tiny too: the reference always builds one (a default-size one when given None)."""
-    return DiffusionGemmaConfig(text_config={**TINY_TEXT, **text}, vision_config=TINY_VISION,
+    """The reference's config for `mlx_diffusiongemma.models.tiny.tiny_config`."""
+    config = tiny_config_dict(canvas_length, **text)
+    return DiffusionGemmaConfig(text_config=config["text_config"], vision_config=config["vision_config"],
                                 canvas_length=canvas_length)
 
 

@@ -5,23 +5,18 @@ from mlx.utils import tree_flatten
 
 from mlx_diffusiongemma.loading import load_model
 from mlx_diffusiongemma.models import Model, ModelArgs
+from mlx_diffusiongemma.models.tiny import tiny_config
 from mlx_diffusiongemma.tuner.trainer import (
     TrainingArgs, checkpoint_weights, corrupt, diffusion_loss, encoded_cache, make_trainable,
     save_checkpoint, train,
 )
 
-TEXT = dict(
-    vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-    global_head_dim=64, num_global_key_value_heads=1,
-    layer_types=["sliding_attention", "full_attention"], sliding_window=4, num_experts=4,
-    top_k_experts=2, max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=0,
-    rope_parameters={
-        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
-        "full_attention": {"rope_theta": 1e6, "rope_type": "proportional", "partial_rotary_factor": 0.25},
-    },
+# Smaller than the shared tiny config: two layers, a 64-token vocabulary, short context.
+CONFIG = tiny_config(
+    vision=False, vocab_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+    global_head_dim=64, layer_types=["sliding_attention", "full_attention"], sliding_window=4, num_experts=4,
+    max_position_embeddings=256,
 )
-CONFIG = dict(model_type="diffusion_gemma", canvas_length=8, eos_token_id=[1], text_config=TEXT)
 
 
 def tiny_model(seed: int = 0) -> Model:
