@@ -11,11 +11,11 @@ import warnings
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from safetensors import safe_open
 from transformers import DynamicCache
 
