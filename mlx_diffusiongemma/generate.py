@@ -36,7 +36,8 @@ class GenerationSettings:
     to token ids that those positions hold at every denoising step: never renoised, always
     accepted, left out of the entropy budget and of the stop test, committed as given. A
     free position before the last pinned one never holds an EOS (its EOS logits are
-    masked), so generation cannot end before every pinned token is written.
+    masked), so generation cannot end before every pinned token is written. For a batch,
+    `pinned` may instead be a list with one mapping per row.
     `seed` is any integer in [0, 2**64).
     """
 
@@ -50,7 +51,7 @@ class GenerationSettings:
     eos_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     initial_canvas: tuple[int, ...] | None = None
-    pinned: tuple[tuple[int, int], ...] = ()
+    pinned: tuple = ()
 
     @classmethod
     def resolve(cls, model, **overrides) -> "GenerationSettings":
@@ -96,12 +97,13 @@ class GenerationSettings:
                    f"initial_canvas has {len(self.initial_canvas)} tokens, the model's canvas_length is {canvas_length}")
             check_token_ids(self.initial_canvas, vocab_size, "initial_canvas")
         check_token_ids(self.eos_token_ids, vocab_size, "eos_token_ids")
-        check_token_ids([t for _, t in self.pinned], vocab_size, "pinned")
-        if self.pinned and self.pinned[-1][0] >= self.max_tokens:
-            raise UserError(
-                f"invalid setting: pinned position {self.pinned[-1][0]} is beyond max_tokens={self.max_tokens}; "
-                "raise max_tokens or pin earlier positions"
-            )
+        for row in _pinned_per_row(self.pinned):
+            check_token_ids([t for _, t in row], vocab_size, "pinned")
+            if row and row[-1][0] >= self.max_tokens:
+                raise UserError(
+                    f"invalid setting: pinned position {row[-1][0]} is beyond max_tokens={self.max_tokens}; "
+                    "raise max_tokens or pin earlier positions"
+                )
 
 
 def _is_int(value) -> bool:
@@ -126,7 +128,27 @@ def _token_tuple(ids, what: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _pinned_tuple(pinned) -> tuple[tuple[int, int], ...]:
+def _pinned_tuple(pinned) -> tuple:
+    """Sorted (position, id) pairs, or one such tuple per row for a list of mappings."""
+    if _is_row_list(pinned):
+        return tuple(_pinned_pairs(row) for row in pinned)
+    return _pinned_pairs(pinned)
+
+
+def _is_row_list(pinned) -> bool:
+    # One mapping (or list of pairs) per row; a flat list of pairs pins every row alike.
+    if isinstance(pinned, (Mapping, str, bytes)) or not isinstance(pinned, Sequence):
+        return False
+    return any(isinstance(row, Mapping) or (isinstance(row, Sequence) and len(row) != 2)
+               or (isinstance(row, Sequence) and not all(_is_int(x) for x in row)) for row in pinned)
+
+
+def _pinned_per_row(pinned: tuple) -> list[tuple]:
+    """`pinned` as a list of per-row pair tuples (one entry when every row shares it)."""
+    return list(pinned) if pinned and (not pinned[0] or not _is_int(pinned[0][0])) else [pinned]
+
+
+def _pinned_pairs(pinned) -> tuple[tuple[int, int], ...]:
     if isinstance(pinned, Mapping):
         pinned = list(pinned.items())
     try:
@@ -293,19 +315,25 @@ class CanvasPins:
 
 def canvas_pins(s: GenerationSettings, index: int, B: int, L: int) -> CanvasPins | None:
     """The `pinned` settings that fall on canvas `index`, or None."""
-    if not s.pinned:
+    rows = _pinned_per_row(s.pinned)
+    if len(rows) == 1:
+        rows = rows * B
+    elif len(rows) != B:
+        raise UserError(f"invalid setting: pinned has {len(rows)} rows for a batch of {B} prompts")
+    start = index * L
+    if all(not row or row[-1][0] < start for row in rows):
         return None
-    start, last = index * L, s.pinned[-1][0]
-    here = [(p - start, t) for p, t in s.pinned if start <= p < start + L]
-    if not here and last < start:
-        return None
-    mask, tokens = [False] * L, [0] * L
-    for p, t in here:
-        mask[p], tokens[p] = True, t
-    no_eos = [not m and start + i < last for i, m in enumerate(mask)]
-    return CanvasPins(
-        mx.array([mask] * B), mx.array([tokens] * B, dtype=mx.int32), mx.array([no_eos] * B), all(mask),
-    )
+    masks, tokens, no_eos = [], [], []
+    for row in rows:
+        mask, ids = [False] * L, [0] * L
+        for p, t in row:
+            if start <= p < start + L:
+                mask[p - start], ids[p - start] = True, t
+        last = row[-1][0] if row else -1
+        masks.append(mask)
+        tokens.append(ids)
+        no_eos.append([not m and start + i < last for i, m in enumerate(mask)])
+    return CanvasPins(mx.array(masks), mx.array(tokens, dtype=mx.int32), mx.array(no_eos), all(map(all, masks)))
 
 
 def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: mx.array,
