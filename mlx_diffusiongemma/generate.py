@@ -11,13 +11,16 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import Generator, Mapping, Sequence
 
 import mlx.core as mx
 
 from .errors import UserError
 from .models.cache import cache_length
+from .models.sharding import broadcast
 from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, temperature
+from .sharded_sample import sharded_sampler_step
 
 REFERENCE_DEFAULTS = dict(
     max_tokens=256, max_denoising_steps=48, t_min=0.4, t_max=0.8, entropy_bound=0.1,
@@ -249,6 +252,10 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings):
     n_canvases = math.ceil(s.max_tokens / L)
     _check_context(cache_length(cache) + prompt.shape[1], n_canvases, args)
     key = seed_key(s.seed)
+    shard = getattr(model, "vocab_shard", None)
+    if shard is not None:
+        # Without a seed each rank draws its own; all must follow one key chain.
+        key = broadcast(key, shard.group)
     tic = time.perf_counter()
     model.encode(prompt, cache)
     prompt_seconds = time.perf_counter() - tic
@@ -353,6 +360,10 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
         return key, event, [0] * B
     pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
     bias = _eos_bias(s, V, pins)
+    shard = getattr(model, "vocab_shard", None)
+    # Sharded, the logits are this rank's vocabulary slice (see sharded_sample.py).
+    sampler = sampler_step if shard is None else partial(sharded_sampler_step, vocab=shard)
+    bias = bias if bias is None or shard is None else shard.local(bias)
     bound = mx.array(s.entropy_bound, dtype=mx.float32)
     scaled, probs, history = None, None, []
     final, done, steps = None, mx.zeros((B,), dtype=mx.bool_), [0] * B
@@ -363,7 +374,7 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
         if bias is not None:
             logits = logits + bias
         inv_t = mx.array(1.0 / temperature(cur_step, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)
-        scaled, probs, argmax, canvas, accepted, entropy = sampler_step(
+        scaled, probs, argmax, canvas, accepted, entropy = sampler(
             logits, inv_t, bound, mx.random.split(step_key), pinned)
         argmax = pin(argmax, pins)
         mean_entropy = free_mean(entropy, None if pins is None else pins.mask)

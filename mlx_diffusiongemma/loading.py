@@ -11,10 +11,12 @@ from mlx.utils import tree_flatten
 from .errors import UserError
 from .models import Model, ModelArgs
 from .models.config import explain_shape
+from .models.sharding import silence_followers, world_group
 from .weights.checks import check_tensors
 from .weights.hub import resolve_model_path
 from .weights.memory import estimate_memory_warning
 from .weights.safetensors import checkpoint_bytes, list_checkpoint
+from .weights.slices import load_sharded
 
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -115,6 +117,11 @@ def load_model(path, text_only: bool = False, lazy: bool = False) -> Model:
     if quantization:
         apply_quantization(model, quantization, set(infos))
     check_tensors(infos, expected_shapes(model), quantized=bool(quantization), explain=explain_shape)
+    group = world_group()
+    if group is not None:
+        # Under `mlx.launch` with 2+ ranks: this rank reads and holds only its part.
+        silence_followers(group)
+        return load_sharded(model, infos, group, lazy)
     warning = estimate_memory_warning(checkpoint_bytes(infos))
     if warning:
         warnings.warn(warning, MemoryWarning, stacklevel=2)

@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from .cache import FullCache, SlidingCache
 from .config import ModelArgs
+from .sharding import all_sum, sum_pair
 from .vision import VisionEmbedder, VisionTower
 
 @partial(mx.compile, shapeless=True)
@@ -44,6 +45,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    group = None  # set by `Model.shard`: this rank holds some heads, o_proj sums them
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         H, D = args.hidden_size, args.head_dims[layer]
@@ -81,7 +84,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, keys: mx.array, values: mx.array, q: mx.array, mask) -> mx.array:
         B, L, _ = x.shape
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return all_sum(self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), self.group)
 
 
 class MLP(nn.Module):
@@ -172,6 +175,8 @@ def expert_linear(layer: nn.Module, e: int, x: mx.array) -> mx.array:
 class DecoderLayer(nn.Module):
     """One Gemma 4 MoE layer; the encoder runs it with its own `layer_scalar`."""
 
+    group = None  # set by `Model.shard`: the MLP and experts then return partial sums
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         H, eps = args.hidden_size, args.rms_norm_eps
@@ -206,12 +211,13 @@ class DecoderLayer(nn.Module):
         return x + self.post_attention_layernorm(self.self_attn(h, k, v, q, mask))
 
     def feed_forward(self, h: mx.array, scalar: mx.array, grouped: bool = False) -> mx.array:
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        dense = self.mlp(self.pre_feedforward_layernorm(h))
         # The router reads the raw residual, the experts its pre_feedforward_layernorm_2.
         idx, weights = self.router(h)
-        moe = self.post_feedforward_layernorm_2(
-            self.experts(self.pre_feedforward_layernorm_2(h), idx, weights, grouped)
-        )
+        moe = self.experts(self.pre_feedforward_layernorm_2(h), idx, weights, grouped)
+        # Sharded, both branches are partial sums that must be whole before their norms.
+        dense, moe = sum_pair(dense, moe, self.group)
+        dense, moe = self.post_feedforward_layernorm_1(dense), self.post_feedforward_layernorm_2(moe)
         return (h + self.post_feedforward_layernorm(dense + moe)) * scalar
 
 
@@ -244,6 +250,8 @@ def embedding_matmul(embed: nn.Module, probs: mx.array) -> mx.array:
 
 
 class Decoder(nn.Module):
+    vocab = None  # a `sharding.VocabShard` once sharded: this rank's rows of the tied table
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -253,16 +261,20 @@ class Decoder(nn.Module):
         self.embed_scale = math.sqrt(args.hidden_size)
 
     def embed(self, ids: mx.array) -> mx.array:
-        h = self.embed_tokens(ids)
+        h = self.embed_tokens(ids) if self.vocab is None else self.vocab.embed(self.embed_tokens, ids)
         # The reference casts sqrt(hidden) to the weight dtype first (53.0 in bf16, not 53.07).
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
     def soft_embed(self, logits: mx.array, dtype: mx.Dtype, probs: mx.array | None) -> mx.array:
         if probs is None or dtype != mx.float32:
             # The reference rounds the logits to the embedding dtype before its fp32 softmax.
-            probs = mx.softmax(logits.astype(dtype).astype(mx.float32), axis=-1)
+            rounded = logits.astype(dtype).astype(mx.float32)
+            probs = mx.softmax(rounded, axis=-1) if self.vocab is None else self.vocab.softmax(rounded)
         probs = probs.astype(dtype)
-        return embedding_matmul(self.embed_tokens, probs) * mx.array(self.embed_scale, dtype=dtype)
+        signal = embedding_matmul(self.embed_tokens, probs)
+        # Sharded, `logits` is this rank's vocabulary slice and the product a partial sum.
+        signal = signal if self.vocab is None else all_sum(signal, self.vocab.group)
+        return signal * mx.array(self.embed_scale, dtype=dtype)
 
 
 class EncoderLayerScalar(nn.Module):
@@ -321,6 +333,19 @@ class Model(nn.Module):
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.decoder.layers
+
+    @property
+    def vocab_shard(self):
+        """This rank's `sharding.VocabShard` (None unsharded): `denoise` then returns logits
+        for its vocabulary slice only."""
+        return self.model.decoder.vocab
+
+    def shard(self, group) -> None:
+        """Split this model in place across the ranks of an `mx.distributed` group (tensor
+        parallel: heads, MLP and expert widths, vocabulary); see `models/sharding.py`."""
+        from .sharding import shard
+
+        shard(self, group)
 
     def make_cache(self, keep: int | None = None) -> list:
         """One cache per layer; sliding layers store `keep` positions (at least window - 1)."""
