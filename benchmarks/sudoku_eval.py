@@ -5,7 +5,8 @@ uses) are solved with the default sampler settings (the model's generation_confi
 share solved, cell accuracy on the blanks, steps per canvas, tokens per forward, wall
 time. The sequential baseline runs the same model left to right: the canvas starts as
 noise and each forward commits the argmax of the next position only (its logits, at
-the sampler's last temperature, self-condition the next forward).
+the sampler's last temperature, self-condition the next forward). With --pin-givens the
+diffusion runs pin each puzzle's given digits at their answer positions.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \\
     python benchmarks/sudoku_eval.py --n 500 --sequential 200 --dequantize \\
@@ -26,6 +27,7 @@ from mlx_lm.utils import dequantize_model
 from mlx_diffusiongemma.demos.sudoku import puzzles as sudoku
 from mlx_diffusiongemma.demos.sudoku.solver import (
     DEFAULT_MODEL,
+    given_pins,
     puzzle_prompt,
     stream_solve,
 )
@@ -58,11 +60,11 @@ def parse_setting(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{key} takes a number, got {value!r}") from None
 
 
-def diffusion(model, tokenizer, puzzle: str, seed: int) -> dict:
+def diffusion(model, tokenizer, puzzle: str, seed: int, pin_givens: bool = False) -> dict:
     """One puzzle through the default sampler."""
     tic = time.perf_counter()
     text, last = "", None
-    for last in stream_solve(puzzle, model, tokenizer, seed=seed):
+    for last in stream_solve(puzzle, model, tokenizer, pin_givens, seed=seed):
         text += last.text
     return dict(
         answer=sudoku.parse_grid(text), seconds=time.perf_counter() - tic, forwards=last.decoder_forwards,
@@ -94,9 +96,13 @@ def sequential(model, tokenizer, puzzle: str, seed: int) -> dict:
     )
 
 
-def batched_diffusion(model, tokenizer, cases: list[tuple[str, str]], seed: int, **settings) -> list[dict]:
+def batched_diffusion(model, tokenizer, cases: list[tuple[str, str]], seed: int, pin_givens: bool = False,
+                      **settings) -> list[dict]:
     """`generate_step` on a batch of puzzles (same prompt length): each row stops on its own
-    stable-and-confident rule and keeps the canvas it stopped on."""
+    stable-and-confident rule and keeps the canvas it stopped on. `pin_givens` pins each
+    row's givens (one mapping per row)."""
+    if pin_givens:
+        settings["pinned"] = [given_pins(tokenizer, p) for p, _ in cases]
     s = GenerationSettings.resolve(model, seed=seed, **settings)
     for event in generate_step(model, prompt_batch(tokenizer, cases), settings=s):
         if event.committed is not None:
@@ -165,11 +171,11 @@ def accuracy(method, model, tokenizer, cases: list[tuple[str, str]], batch: int,
     return {**summary, "solved_each": [bool(r["solved"]) for r in runs]}
 
 
-def timing(method, model, tokenizer, cases: list[tuple[str, str]]) -> dict:
+def timing(method, model, tokenizer, cases: list[tuple[str, str]], **options) -> dict:
     """Batch-1 wall time per puzzle through the package's own generation path."""
     runs = []
     for i, (puzzle, _) in enumerate(cases):
-        runs.append(method(model, tokenizer, puzzle, seed=i))
+        runs.append(method(model, tokenizer, puzzle, seed=i, **options))
     return mean(runs, ("seconds", "forwards"))
 
 
@@ -195,6 +201,8 @@ def parse_args():
                         help="use the tuning puzzles (another seed) instead of the evaluation's")
     parser.add_argument("--set", dest="settings", action="append", default=[], type=parse_setting,
                         metavar="KEY=VALUE", help="override a sampler setting of the diffusion accuracy runs (repeatable)")
+    parser.add_argument("--pin-givens", action="store_true",
+                        help="pin each puzzle's given digits at their answer positions in the diffusion runs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sudoku.json"))
     return parser.parse_args()
 
@@ -220,7 +228,9 @@ def run_model(k: int, name: str, path: str, args) -> list[dict]:
     results = []
     for blanks in args.blanks:
         cases = puzzles(blanks, max(args.n, args.sequential, args.timed), args.tuning)
-        jobs = [("diffusion", batched_diffusion, args.n, dict(args.settings))]
+        pins = dict(pin_givens=True) if args.pin_givens else {}
+        method = "diffusion, givens pinned" if args.pin_givens else "diffusion"
+        jobs = [(method, batched_diffusion, args.n, {**dict(args.settings), **pins})]
         if k == 0:
             jobs.append(("sequential", batched_sequential, args.sequential, {}))
         for method, fn, n, settings in jobs:
@@ -229,7 +239,7 @@ def run_model(k: int, name: str, path: str, args) -> list[dict]:
                 results.append(dict(model=name, path=path, decoding=method, blanks=blanks, settings=settings, **r))
                 print(accuracy_row(name, method, blanks, r), flush=True)
         if k == 0 and args.timed:
-            d = timing(diffusion, model, tokenizer, cases[: args.timed])
+            d = timing(diffusion, model, tokenizer, cases[: args.timed], pin_givens=args.pin_givens)
             q = timing(sequential, model, tokenizer, cases[: args.timed])
             results.append(dict(model=name, path=path, decoding="timed", blanks=blanks, diffusion=d, sequential=q))
             print(timing_row(name, blanks, d, q), flush=True)

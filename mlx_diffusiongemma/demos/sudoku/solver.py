@@ -1,6 +1,8 @@
 """Solving Sudoku with a small DiffusionGemma: the puzzle is the user turn of a Gemma 4 chat
 (nine rows of digits, '.' for blanks) and the model answers with the completed grid in one
-canvas, denoised in parallel. `show_solve` draws the grid resolving on a terminal."""
+canvas, denoised in parallel. With `pin_givens` the given digits are pinned at their
+answer positions (`GenerationSettings.pinned`), so the model writes only the blanks.
+`show_solve` draws the grid resolving on a terminal."""
 
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +19,8 @@ from . import puzzles as sudoku
 
 DEFAULT_MODEL = Path(__file__).parent / "model"
 UNKNOWN = "?"
+# Pinning the givens solves more puzzles on the held-out evaluation (benchmarks/README.md).
+PIN_GIVENS = True
 
 
 def load_solver(path=None):
@@ -39,18 +43,40 @@ def normalize(puzzle: str) -> str:
     return cells
 
 
-def stream_solve(puzzle: str, model, tokenizer, **settings) -> Iterator[GenerationResponse]:
-    """`stream_generate` on the puzzle's prompt: one response per denoising step."""
+def given_pins(tokenizer, puzzle: str) -> dict[int, int]:
+    """Output position -> token id of each given digit in the answer (nine rows of nine
+    digits joined by newlines, so cell (r, c) is character 10 r + c), checked to be one
+    token per character under this tokenizer."""
+    cells = normalize(puzzle)
+    # Any complete grid has the answer's layout; the givens' digits are what gets pinned.
+    layout = sudoku.format_grid("".join(ch if ch in sudoku.DIGITS else "1" for ch in cells))
+    ids = tokenizer.encode(layout, add_special_tokens=False)
+    if len(ids) != len(layout) or tokenizer.decode(ids) != layout:
+        raise UserError("this tokenizer does not write each grid character as one token; pin_givens needs that")
+    digit = {d: tokenizer.encode(d, add_special_tokens=False) for d in sudoku.DIGITS}
+    if any(len(v) != 1 for v in digit.values()):
+        raise UserError("this tokenizer does not write each digit as one token; pin_givens needs that")
+    return {(i // 9) * 10 + i % 9: digit[ch][0] for i, ch in enumerate(cells) if ch in sudoku.DIGITS}
+
+
+def stream_solve(puzzle: str, model, tokenizer, pin_givens: bool = PIN_GIVENS,
+                 **settings) -> Iterator[GenerationResponse]:
+    """`stream_generate` on the puzzle's prompt: one response per denoising step. With
+    `pin_givens` the given digits hold their answer positions from the first step."""
+    if pin_givens:
+        settings["pinned"] = given_pins(tokenizer, puzzle)
     return stream_generate(model, tokenizer, puzzle_prompt(tokenizer, puzzle), **settings)
 
 
-def solve_puzzle(puzzle: str, model=None, tokenizer=None, **settings) -> str | None:
+def solve_puzzle(puzzle: str, model=None, tokenizer=None, pin_givens: bool = PIN_GIVENS,
+                 **settings) -> str | None:
     """The model's completed grid (81 digits) for `puzzle`, or None if it did not
     answer with a grid. Loads the shipped model when none is given; `settings` are
-    `GenerationSettings` overrides (defaults: the model's generation_config.json)."""
+    `GenerationSettings` overrides (defaults: the model's generation_config.json);
+    `pin_givens` pins the given digits (see `stream_solve`)."""
     if model is None:
         model, tokenizer = load_solver()
-    text = "".join(r.text for r in stream_solve(puzzle, model, tokenizer, **settings))
+    text = "".join(r.text for r in stream_solve(puzzle, model, tokenizer, pin_givens, **settings))
     return sudoku.parse_grid(text)
 
 
@@ -65,8 +91,10 @@ def draft_cells(text: str) -> str:
     return cells
 
 
-def render_grid(puzzle: str, cells: str) -> Text:
-    """A boxed grid: givens bold, the model's digits cyan, digits breaking a rule red."""
+def render_grid(puzzle: str, cells: str, pinned: bool = False) -> Text:
+    """A boxed grid: givens bold, the model's digits cyan, digits breaking a rule red.
+    With `pinned` the givens are drawn from the puzzle (they are fixed from the first
+    step) and underlined."""
     wrong = conflicts(cells)
     text = Text()
     for r in range(9):
@@ -76,8 +104,9 @@ def render_grid(puzzle: str, cells: str) -> Text:
             if c % 3 == 0:
                 text.append("| ", style="dim")
             i = r * 9 + c
-            style = "bold" if puzzle[i] in sudoku.DIGITS else ("red" if i in wrong else "cyan")
-            text.append(cells[i] + " ", style=style)
+            given = puzzle[i] in sudoku.DIGITS
+            style = ("bold underline" if pinned else "bold") if given else ("red" if i in wrong else "cyan")
+            text.append((puzzle[i] if given and pinned else cells[i]) + " ", style=style)
         text.append("|\n", style="dim")
     text.append("+-------+-------+-------+", style="dim")
     return text
@@ -92,22 +121,25 @@ def conflicts(cells: str) -> set[int]:
     return bad
 
 
-def status_line(r: GenerationResponse) -> str:
-    return f"step {r.step} · {r.accepted} positions accepted · mean entropy {r.mean_entropy:.3f}"
+def status_line(r: GenerationResponse, pinned: bool = False) -> str:
+    line = f"step {r.step} · {r.accepted} positions accepted · mean entropy {r.mean_entropy:.3f}"
+    return line + (" · givens pinned" if pinned else "")
 
 
-def show_solve(puzzle: str, model, tokenizer, console: Console, live: bool, **settings) -> str | None:
+def show_solve(puzzle: str, model, tokenizer, console: Console, live: bool, pin_givens: bool = PIN_GIVENS,
+               **settings) -> str | None:
     """Solve while drawing the canvas resolving (on a terminal); return the answer grid."""
     text, last = "", None
     with Live(console=console, auto_refresh=False) if live else nullcontext() as view:
-        for last in stream_solve(puzzle, model, tokenizer, **settings):
+        for last in stream_solve(puzzle, model, tokenizer, pin_givens, **settings):
             text += last.text
             if live:
-                frame = Group(render_grid(puzzle, draft_cells(last.draft)), Text(status_line(last), style="dim"))
+                frame = Group(render_grid(puzzle, draft_cells(last.draft), pin_givens),
+                              Text(status_line(last, pin_givens), style="dim"))
                 view.update(frame, refresh=True)
     answer = sudoku.parse_grid(text)
     if not live:
-        console.print(render_grid(puzzle, draft_cells(text)))
+        console.print(render_grid(puzzle, draft_cells(text), pin_givens))
     if last is not None:
         console.print(
             f"{last.steps_per_canvas:.0f} denoising steps, {last.tokens_per_forward:.1f} tokens per forward",
