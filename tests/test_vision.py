@@ -1,0 +1,272 @@
+"""Image input against the transformers 5.23 reference: the vision tower's features, the
+encoder cache and the decoder logits after a prompt with images, committed tokens in the
+deterministic regime, the preprocessing, and one-line errors for bad images."""
+
+import numpy as np
+import pytest
+import torch
+import mlx.core as mx
+from PIL import Image
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DynamicCache
+from transformers.models.diffusion_gemma import generation_diffusion_gemma as ref_generation
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+from mlx_diffusiongemma import UserError, generate_step, load_model
+from mlx_diffusiongemma.images import expand_image_tokens, prepare_image
+from mlx_diffusiongemma.models import diffusion_gemma
+from mlx_diffusiongemma.models.tiny import tiny_config
+from reference import randomize, relative_error, to_numpy
+
+IMAGE, BOI, EOI = 150, 151, 152
+PATCH = 4
+BUDGET = 70  # soft tokens per image at most: up to 630 patches of 4 x 4 pixels
+CANVAS = 8
+# Two towers: grouped-query attention with clipped linears and standardized features; and
+# plain multi-head attention. The text windows are shorter than an image, so image tokens
+# must see each other beyond the sliding window.
+VISION = {
+    "clipped": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                    use_clipped_linears=True, standardize=True),
+    "plain": dict(num_hidden_layers=1, hidden_size=48, intermediate_size=80, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=24, global_head_dim=24),
+}
+TEXT = {"clipped": dict(sliding_window=16), "plain": dict(sliding_window=12, num_experts=6, top_k_experts=3)}
+
+
+def reference_model(name: str, seed: int) -> DiffusionGemmaForBlockDiffusion:
+    cfg = tiny_config(CANVAS, **TEXT[name])
+    vision = dict(cfg["vision_config"], patch_size=PATCH, pooling_kernel_size=3, position_embedding_size=256,
+                  **VISION[name])
+    config = DiffusionGemmaConfig(text_config=cfg["text_config"], vision_config=vision, canvas_length=CANVAS,
+                                  image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI,
+                                  vision_soft_tokens_per_image=BUDGET)
+    torch.manual_seed(seed)
+    ref = DiffusionGemmaForBlockDiffusion(config).eval()
+    randomize(ref, seed, 0.6)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "vision" in n:
+                # Norm weights away from 1 (w, not 1 + w); clipping ranges that bite.
+                p.copy_(0.2 * torch.randn(p.shape, generator=g) + (1.0 if "norm" in n else 0.0))
+        for n, b in ref.named_buffers():
+            if n.endswith(("std_bias", "std_scale")):
+                b.copy_(0.5 + 0.5 * torch.rand(b.shape, generator=g))
+            elif n.endswith(("input_min", "output_min")):
+                b.fill_(-1.5)
+            elif n.endswith(("input_max", "output_max")):
+                b.fill_(1.5)
+    return ref
+
+
+@pytest.fixture(scope="module", params=list(VISION))
+def pair(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    ref = reference_model(request.param, seed=len(request.param))
+    ref.save_pretrained(path)
+    return ref, load_model(path, text_only=False)
+
+
+def processor(budget: int = BUDGET) -> Gemma4ImageProcessorPil:
+    return Gemma4ImageProcessorPil(patch_size=PATCH, max_soft_tokens=budget, pooling_kernel_size=3)
+
+
+def picture(h: int, w: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    # Smooth gradients plus noise: bicubic resizing over- and undershoots on both.
+    y, x = np.mgrid[0:h, 0:w]
+    base = (x * 255 // max(w - 1, 1) + y * 128 // max(h - 1, 1))[..., None] % 256
+    pixels = (base + rng.randint(0, 60, (h, w, channels))).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+
+
+IMAGES = {
+    "tiny": (3, 5, "RGB"), "tall": (200, 31, "RGB"), "wide": (20, 400, "RGB"), "square": (48, 48, "RGB"),
+    "over-budget": (640, 480, "RGB"), "thin": (2, 900, "RGB"), "grayscale": (90, 60, "L"), "rgba": (70, 50, "RGBA"),
+}
+
+
+def reference_inputs(images: list[Image.Image], budget: int = BUDGET) -> dict:
+    return processor(budget)(images=images, return_tensors="np")
+
+
+@pytest.mark.parametrize("budget", [70, 140])
+@pytest.mark.parametrize("kind", list(IMAGES))
+def test_preprocessing_equals_the_reference_processor(kind, budget):
+    img = picture(*IMAGES[kind], seed=len(kind))
+    theirs = reference_inputs([img], budget)
+    ours = prepare_image(img, budget, patch_size=PATCH)
+    n = ours.pixels.shape[0]
+    assert ours.soft_tokens == theirs["num_soft_tokens_per_image"][0]
+    assert n == ours.soft_tokens * 9 <= budget * 9
+    assert np.array_equal(ours.pixels, theirs["pixel_values"][0, :n])
+    assert np.array_equal(ours.positions, theirs["image_position_ids"][0, :n])
+    # The rest is the reference's padding, which the tower never sees.
+    assert (theirs["image_position_ids"][0, n:] == -1).all()
+
+
+def test_arrays_and_files_prepare_like_the_image(tmp_path):
+    img = picture(37, 81, "RGBA", seed=4)
+    img.save(tmp_path / "a.png")
+    expected = prepare_image(img, BUDGET, patch_size=PATCH)
+    for source in (np.asarray(img), tmp_path / "a.png", str(tmp_path / "a.png")):
+        got = prepare_image(source, BUDGET, patch_size=PATCH)
+        assert np.array_equal(got.pixels, expected.pixels) and got.digest == expected.digest
+
+
+def test_placeholders_expand_like_the_reference_processor():
+    # The processor writes boi + soft_tokens x image + eoi for each image placeholder.
+    images = [prepare_image(picture(*IMAGES[k]), BUDGET, patch_size=PATCH) for k in ("tall", "wide")]
+    soft = reference_inputs([picture(*IMAGES[k]) for k in ("tall", "wide")])["num_soft_tokens_per_image"]
+    ids = [2, 10, IMAGE, 11, 12, IMAGE, 13]
+    expected = [2, 10, BOI] + [IMAGE] * soft[0] + [EOI, 11, 12, BOI] + [IMAGE] * soft[1] + [EOI, 13]
+    assert expand_image_tokens(ids, images, IMAGE, BOI, EOI) == expected
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tall", "over-budget", "rgba"])
+def test_tower_features_match_the_reference(pair, kind):
+    ref, model = pair
+    img = picture(*IMAGES[kind], seed=1)
+    inputs = reference_inputs([img])
+    with torch.no_grad():
+        theirs = ref.model.encoder.get_image_features(
+            torch.tensor(inputs["pixel_values"]), torch.tensor(inputs["image_position_ids"])).pooler_output
+    ours = model.embed_images([prepare_image(img, BUDGET, patch_size=PATCH)])[0]
+    assert ours.shape == tuple(theirs.shape)
+    assert relative_error(np.array(ours), to_numpy(theirs)) < 1e-4
+
+
+def test_chunked_attention_in_the_tower_changes_nothing(pair):
+    _, model = pair
+    image = prepare_image(picture(*IMAGES["over-budget"]), BUDGET, patch_size=PATCH)
+    tower, embed = model.model.encoder.vision_tower, model.model.encoder.embed_vision
+    args = mx.array(image.pixels)[None], mx.array(image.positions)[None], image.grid
+    tower.query_chunk = None
+    whole = np.array(embed(tower(*args)))
+    tower.query_chunk = 100
+    try:
+        chunked = np.array(embed(tower(*args)))
+    finally:
+        tower.query_chunk = 2048
+    assert np.abs(whole - chunked).max() < 1e-5
+
+
+def image_prompt(kinds: list[str], seed: int) -> tuple[list[int], list[Image.Image]]:
+    """Token ids with one placeholder per image among random text, and the images."""
+    rng = np.random.RandomState(seed)
+    ids = [2] + rng.randint(5, 140, 3).tolist()
+    for _ in kinds:
+        ids += [IMAGE] + rng.randint(5, 140, 4).tolist()
+    return ids, [picture(*IMAGES[k], seed=seed + i) for i, k in enumerate(kinds)]
+
+
+def reference_encode(ref, ids: list[int], images: list[Image.Image], pkv=None):
+    """The reference encoder's pass over an expanded prompt, with the masks `generate`
+    builds (image tokens of one image see each other)."""
+    inputs = reference_inputs(images)
+    input_ids = torch.tensor([ids])
+    pkv = pkv if pkv is not None else DynamicCache(config=ref.config.get_text_config(decoder=True))
+    positions = torch.arange(len(ids))[None]
+    masks = ref.model.encoder.create_masks_for_generate(
+        config=ref.config, inputs_embeds=torch.empty((1, len(ids), 0)), attention_mask=torch.ones((1, len(ids)), dtype=torch.bool),
+        past_key_values=pkv, position_ids=positions, mm_token_type_ids=(input_ids == IMAGE).long(),
+    )
+    with torch.no_grad():
+        ref.model.encoder(input_ids=input_ids, pixel_values=torch.tensor(inputs["pixel_values"]),
+                          image_position_ids=torch.tensor(inputs["image_position_ids"]), attention_mask=masks,
+                          past_key_values=pkv, position_ids=positions)
+    return pkv
+
+
+def our_encode(model, ids: list[int], images: list[Image.Image], step: int | None = None):
+    prepared = [prepare_image(img, BUDGET, patch_size=PATCH) for img in images]
+    expanded = expand_image_tokens(ids, prepared, IMAGE, BOI, EOI)
+    cache = model.make_cache()
+    if step is not None:
+        model.prefill_step_size = step
+    try:
+        model.encode(mx.array([expanded]), cache, model.embed_images(prepared))
+    finally:
+        model.prefill_step_size = 512
+    return expanded, cache
+
+
+def assert_caches_match(model, cache, pkv):
+    for i, (ours, theirs) in enumerate(zip(cache, pkv.layers)):
+        k, v = to_numpy(theirs.keys), to_numpy(theirs.values)
+        n = min(ours.keys.shape[2], k.shape[2])
+        assert relative_error(np.array(ours.keys[:, :, -n:]), k[:, :, -n:]) < 1e-4, f"layer {i} keys"
+        assert relative_error(np.array(ours.values[:, :, -n:]), v[:, :, -n:]) < 1e-4, f"layer {i} values"
+
+
+@pytest.mark.parametrize("kinds", [["tall"], ["wide", "rgba"]], ids=["one-image", "two-images"])
+def test_encoder_cache_and_logits_after_an_image_prompt(pair, kinds):
+    ref, model = pair
+    ids, images = image_prompt(kinds, seed=len(kinds))
+    expanded, cache = our_encode(model, ids, images)
+    pkv = reference_encode(ref, expanded, images)
+    assert cache[0].offset == pkv.get_seq_length() == len(expanded)
+    assert_caches_match(model, cache, pkv)
+    canvas = np.random.RandomState(9).randint(0, 160, (1, CANVAS))
+    with torch.no_grad():
+        theirs = ref(past_key_values=pkv, decoder_input_ids=torch.tensor(canvas)).logits
+    ours = np.array(model.denoise(mx.array(canvas), cache))
+    assert relative_error(ours, to_numpy(theirs)) < 1e-4
+
+
+def test_image_tokens_see_each_other_beyond_the_sliding_window(pair, monkeypatch):
+    ref, model = pair
+    ids, images = image_prompt(["tall"], seed=3)
+    expanded, cache = our_encode(model, ids, images)
+    assert expanded.count(IMAGE) > model.args.sliding_window
+    pkv = reference_encode(ref, expanded, images)
+    assert_caches_match(model, cache, pkv)
+    # Without the image mask (plain causal attention) the same features give another
+    # cache: the parity above does test the mask.
+    monkeypatch.setattr(diffusion_gemma, "image_mask", lambda images, T: mx.zeros((1, 1, 1, 1), dtype=mx.bool_))
+    _, causal = our_encode(model, ids, images)
+    assert relative_error(np.array(causal[-1].keys), to_numpy(pkv.layers[-1].keys)) > 1e-3
+
+
+def test_chunks_never_split_an_image(pair):
+    ref, model = pair
+    ids, images = image_prompt(["wide", "tall"], seed=5)
+    _, whole = our_encode(model, ids, images)
+    # Chunks of 7 tokens would end inside both images; each chunk stretches to the image's end.
+    expanded, chunked = our_encode(model, ids, images, step=7)
+    assert_caches_match(model, chunked, reference_encode(ref, expanded, images))
+    for a, b in zip(whole, chunked):
+        assert np.abs(np.array(a.keys) - np.array(b.keys)).max() < 1e-5
+
+
+DETERMINISTIC = dict(t_max=2e-3, t_min=1e-3, entropy_bound=1e9, max_denoising_steps=12)
+
+
+def test_generate_step_commits_the_reference_tokens_with_an_image(pair, monkeypatch):
+    ref, model = pair
+    ids, images = image_prompt(["square"], seed=7)
+    prepared = [prepare_image(images[0], BUDGET, patch_size=PATCH)]
+    expanded = expand_image_tokens(ids, prepared, IMAGE, BOI, EOI)
+    initial = np.random.RandomState(1).randint(5, 140, CANVAS).tolist()
+    monkeypatch.setattr(ref_generation.EntropyBoundSampler, "initialize_canvas",
+                        lambda self, batch_size, device: torch.tensor([initial]))
+    inputs = reference_inputs(images)
+    input_ids = torch.tensor([expanded])
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids, pixel_values=torch.tensor(inputs["pixel_values"]),
+            image_position_ids=torch.tensor(inputs["image_position_ids"]),
+            mm_token_type_ids=(input_ids == IMAGE).long(), max_new_tokens=3 * CANVAS,
+            sampler_config=ref_generation.EntropyBoundSamplerConfig(entropy_bound=1e9),
+            t_max=2e-3, t_min=1e-3, max_denoising_steps=12, stability_threshold=1,
+            confidence_threshold=0.005, eos_token_id=[159], pad_token_id=0,
+        )
+    theirs = out.sequences[0, len(expanded):].tolist()
+    ours = []
+    for event in generate_step(model, expanded, images=prepared, initial_canvas=initial, eos_token_ids=[159],
+                               max_tokens=3 * CANVAS, seed=0, **DETERMINISTIC):
+        if event.committed is not None:
+            ours += event.committed
+    assert len(theirs) == 3 * CANVAS
+    assert ours == theirs
