@@ -3,7 +3,7 @@ command (`generate`, `chat`, `convert`, `sudoku`), options named after `Generati
 and `convert` (`options`), and one-line errors for every mistake a user can fix (`app`).
 """
 
-from . import chat, convert, generate, sudoku  # noqa: F401  (each registers its command)
+from . import chat, convert, generate, serve, sudoku  # noqa: F401  (each registers its command)
 from .app import app
 
 

@@ -1,0 +1,806 @@
+"""An OpenAI-compatible HTTP server: `/v1/chat/completions`, `/v1/completions`,
+`/v1/models` and `/health`, on FastAPI and uvicorn.
+
+One generation runs at a time on a worker thread that owns every MLX array (MLX streams
+belong to the thread that made them); requests wait in a bounded queue and a full queue
+answers 503 with `Retry-After`. Streams carry one delta per committed canvas; with
+`"stream_drafts": true` each denoising step's draft also arrives as an `event: draft`
+server-sent event. A client that goes away cancels its generation at the next denoising
+step. Encoder caches of recent prompts are kept in a bounded LRU and the longest common
+prefix is reused, reported as `usage.prompt_tokens_details.cached_tokens`.
+
+Accepted and ignored (no meaning for this sampler): `temperature`, `top_p`, `top_k`,
+`min_p`, `frequency_penalty`, `presence_penalty`, `repetition_penalty`, `user`,
+`parallel_tool_calls`, `metadata`, `store`, `service_tier`. Refused with a 400 naming the
+field, because dropping them would change what the client gets: `n` > 1, `logprobs`,
+`top_logprobs`, `logit_bias`, `response_format` other than text, `echo`, `suffix`,
+`best_of` > 1, and a `tool_choice` that forces a call.
+"""
+
+import asyncio
+import json
+import math
+import queue
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .chat import StopStrings, repair_text
+from .errors import UserError, first_line
+from .generate import GenerationSettings, encode_text, stream_generate
+from .prompt_cache import PromptCache, common_prefix
+from .tool_parsing import OutputParser, Parsed
+
+STATIC_DIR = Path(__file__).parent / "server_static"
+API_KEY_ENV = "MLX_DIFFUSIONGEMMA_API_KEY"
+_OPEN_PATHS = {"/health", "/", "/favicon.ico"}
+_THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error", 503: "server_overloaded",
+                500: "server_error"}.get(self.status, "invalid_request_error")
+        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# ---------------------------------------------------------------------------- requests
+
+class _Request(BaseModel):
+    # Strict: "5" is not a number and true is not 1; unknown fields are accepted (clients
+    # send many by default) and those that matter are refused in `_refuse_unsupported`.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int | None = None
+    logprobs: bool | int | None = None
+    logit_bias: dict | None = None
+    max_denoising_steps: int | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    entropy_bound: float | None = None
+    stream_drafts: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    chat_template_kwargs: dict | None = None
+    reasoning_effort: str | None = None
+    response_format: dict | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def _refuse_unsupported(req: _Request) -> None:
+    """400 for fields whose silent dropping would change what the client gets."""
+    if req.n not in (None, 1):
+        raise APIError(400, "n > 1 is not supported: this server writes one choice per request", "n")
+    if req.logprobs:
+        raise APIError(400, "logprobs are not supported", "logprobs")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs:
+            raise APIError(400, "top_logprobs are not supported", "top_logprobs")
+        if req.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "response_format other than {\"type\": \"text\"} is not supported", "response_format")
+        if isinstance(req.tool_choice, dict) or req.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, "tool_choice can be \"auto\" or \"none\": forcing a call is not supported", "tool_choice")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise APIError(400, "echo is not supported", "echo")
+        if req.suffix:
+            raise APIError(400, "suffix (infilling) is not supported by this server", "suffix")
+        if req.best_of not in (None, 1):
+            raise APIError(400, "best_of > 1 is not supported", "best_of")
+
+
+def _stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    return [repair_text(s) for s in stops if s]
+
+
+def _text_of(content, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"content parts of type {part.type!r} are not supported (text only)",
+                           f"messages.{index}.content")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def template_messages(messages: list[Message]) -> list[dict]:
+    """Messages as the chat template reads them: text content, tool-call arguments as
+    mappings, and each tool result named after the call it answers."""
+    names: dict[str, str] = {}
+    out = []
+    for i, m in enumerate(messages):
+        item: dict[str, Any] = {"role": m.role, "content": repair_text(_text_of(m.content, i))}
+        if m.tool_calls:
+            item["tool_calls"] = [_template_call(call, i, names) for call in m.tool_calls]
+        if m.role == "tool":
+            item["tool_call_id"] = m.tool_call_id
+            item["name"] = m.name or names.get(m.tool_call_id or "", "")
+        elif m.name:
+            item["name"] = m.name
+        out.append(item)
+    return out
+
+
+def _template_call(call: dict, index: int, names: dict[str, str]) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    param = f"messages.{index}.tool_calls"
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError(400, "a tool call needs a function with a name", param)
+    arguments = function.get("arguments", "{}")
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        raise APIError(400, "tool call arguments must be a JSON object", param) from None
+    if not isinstance(arguments, dict):
+        raise APIError(400, "tool call arguments must be a JSON object", param)
+    if isinstance(call.get("id"), str):
+        names[call["id"]] = function["name"]
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": function["name"], "arguments": arguments}}
+
+
+def thinking_of(req: ChatRequest) -> bool:
+    """The thinking switch: `chat_template_kwargs.enable_thinking`, else `reasoning_effort`."""
+    kwargs = req.chat_template_kwargs or {}
+    if "enable_thinking" in kwargs:
+        if not isinstance(kwargs["enable_thinking"], bool):
+            raise APIError(422, "enable_thinking must be a boolean", "chat_template_kwargs.enable_thinking")
+        return kwargs["enable_thinking"]
+    if req.reasoning_effort is None:
+        return False
+    if req.reasoning_effort not in _THINKING_EFFORTS:
+        raise APIError(422, f"reasoning_effort must be one of {sorted(_THINKING_EFFORTS)}", "reasoning_effort")
+    return _THINKING_EFFORTS[req.reasoning_effort]
+
+
+# ---------------------------------------------------------------------------- the engine
+
+class PromptCacheLRU:
+    """Encoder caches of recent prompts, bounded in entries and bytes. `take` hands out
+    the one sharing the longest prefix with a prompt (a new one if none shares any)."""
+
+    def __init__(self, model, keep: int, max_entries: int = 4, max_bytes: int = 2 << 30):
+        self.model, self.keep = model, keep
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.entries: OrderedDict[int, PromptCache] = OrderedDict()
+        self._next = 0
+
+    def take(self, ids: list[int]) -> tuple[PromptCache, int]:
+        """Remove and return the best entry, stepped back to its shared prefix, and the
+        number of reused tokens."""
+        best, best_len = None, 0
+        for key, entry in self.entries.items():
+            n = common_prefix(entry.ids, ids)
+            if n > best_len:
+                best, best_len = key, n
+        entry = self.entries.pop(best) if best is not None else PromptCache(self.model, self.keep)
+        return entry, entry.reuse(ids)
+
+    def put(self, entry: PromptCache) -> None:
+        """Keep `entry` as the most recent; evict the oldest beyond the bounds."""
+        if not entry.ids:
+            return
+        self.entries[self._next] = entry
+        self._next += 1
+        while self.entries and (len(self.entries) > self.max_entries or self.nbytes > self.max_bytes):
+            self.entries.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+
+@dataclass
+class Job:
+    """One generation: what to run and the channel its events go back through."""
+
+    ids: list[int]
+    settings: GenerationSettings
+    stops: list[str]
+    drafts: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: float = 0.0
+    released: bool = False
+
+    def send(self, kind: str, **payload) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class Engine:
+    """The worker thread: loads the model, then runs queued jobs one at a time."""
+
+    def __init__(self, model_path: str, cache_entries: int = 4, cache_bytes: int = 2 << 30):
+        self.model_path = model_path
+        self.cache_entries, self.cache_bytes = cache_entries, cache_bytes
+        self.jobs: queue.Queue = queue.Queue()
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self.model = self.tokenizer = self.caches = None
+        self.stats = {"generations": 0, "cancelled": 0, "errors": 0}
+        self.thread = threading.Thread(target=self._main, name="generation", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread and wait for the model; load errors are raised here."""
+        self.thread.start()
+        self.ready.wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+    def _main(self) -> None:
+        try:
+            from .loading import load
+
+            self.model, self.tokenizer = load(self.model_path)
+            args = self.model.args
+            # Sliding layers keep enough to step back over a default-length reply.
+            canvases = -(-GenerationSettings.resolve(self.model).max_tokens // args.canvas_length)
+            keep = args.sliding_window - 1 + canvases * args.canvas_length + 64
+            self.caches = PromptCacheLRU(self.model, keep, self.cache_entries, self.cache_bytes)
+        except BaseException as e:  # noqa: BLE001  (handed to the main thread)
+            self.load_error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            self._run(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self.stats["cancelled"] += 1
+            job.send("done", finish_reason="cancelled", usage=None)
+            return
+        entry, reused = self.caches.take(job.ids)
+        run = _Run(job, reused)
+        stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
+                                 settings=job.settings)
+        try:
+            finish = run.consume(stream)
+        except Exception as e:  # noqa: BLE001  (one request's failure never stops the server)
+            stream.close()
+            entry.clear()
+            self.caches.put(entry)
+            self.stats["errors"] += 1
+            status = 400 if isinstance(e, UserError) else 500
+            job.send("error", status=status, message=first_line(e))
+            return
+        stream.close()
+        entry.record(run.cached_ids())
+        self.caches.put(entry)
+        self.stats["cancelled" if finish == "cancelled" else "generations"] += 1
+        job.send("done", finish_reason=finish, usage=run.usage())
+
+
+class _Run:
+    """Tracks one job's stream: deltas cut at stop strings, drafts, and what the encoder
+    cache holds (the prompt and every committed canvas but the last)."""
+
+    def __init__(self, job: Job, reused: int):
+        self.job, self.reused = job, reused
+        self.stops = StopStrings(job.stops)
+        self.canvases: list[list[int]] = []
+        self.events, self.current, self.tokens = 0, 0, 0
+
+    def consume(self, stream) -> str:
+        for r in stream:
+            self.events += 1
+            self.current = r.canvas
+            if self.job.cancelled.is_set():
+                return "cancelled"
+            if r.committed is None:
+                if self.job.drafts:
+                    self.job.send("draft", canvas=r.canvas, step=r.step, text=self.stops.cut(r.draft))
+                continue
+            self.canvases.append(list(r.committed))
+            self.tokens = r.generation_tokens
+            delta, hit = self.stops.feed(r.text, final=r.finish_reason is not None)
+            final = hit or r.finish_reason is not None
+            self.job.send("delta", text=delta, final=final)
+            if final:
+                return "stop" if hit else r.finish_reason
+        return "stop"
+
+    def cached_ids(self) -> list[int]:
+        if not self.events:
+            return self.job.ids[: self.reused]
+        return self.job.ids + [t for c in self.canvases[: self.current] for t in c]
+
+    def usage(self) -> dict:
+        prompt = len(self.job.ids)
+        return {"prompt_tokens": prompt, "completion_tokens": self.tokens,
+                "total_tokens": prompt + self.tokens,
+                "prompt_tokens_details": {"cached_tokens": self.reused}}
+
+
+# ---------------------------------------------------------------------------- the app
+
+@dataclass
+class ServerConfig:
+    """What `serve` was started with."""
+
+    model: str
+    api_key: str | None = None
+    max_queue: int = 16
+    max_body_bytes: int = 4 << 20
+    cache_entries: int = 4
+    cache_bytes: int = 2 << 30
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before it is parsed."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        response = APIError(413, f"the request body is over the limit of {self.limit} bytes").response()
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Server:
+    """The FastAPI app around one `Engine`."""
+
+    def __init__(self, config: ServerConfig, engine: Engine):
+        self.config, self.engine = config, engine
+        self.pending = 0
+        self.seconds_per_job = 1.0
+        self.app = self._build()
+
+    @property
+    def model_id(self) -> str:
+        return self.config.model
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="mlx-diffusiongemma", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_exception_handler(APIError, lambda r, e: e.response())
+        app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_exception_handler(StarletteHTTPException, _http_error)
+        app.add_exception_handler(Exception, _internal_error)
+        app.middleware("http")(self._auth)
+        app.get("/health")(self.health)
+        app.get("/v1/models")(self.models)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.post("/v1/completions")(self.completions)
+        app.get("/")(self.page)
+        app.get("/static/{name}")(self.static)
+        return app
+
+    async def _auth(self, request: Request, call_next):
+        key = self.config.api_key
+        if key and request.url.path not in _OPEN_PATHS and not request.url.path.startswith("/static/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                code="invalid_api_key").response()
+        return await call_next(request)
+
+    async def health(self):
+        """Liveness and counters; never needs the API key."""
+        return {"status": "ok", "pending": self.pending, **self.engine.stats}
+
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
+                                            "owned_by": "mlx-diffusiongemma"}]}
+
+    async def page(self):
+        return FileResponse(STATIC_DIR / "index.html")
+
+    async def static(self, name: str):
+        path = STATIC_DIR / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise APIError(404, f"no static file {name!r}")
+        return FileResponse(path)
+
+    # -- endpoints
+
+    async def chat_completions(self, req: ChatRequest, request: Request):
+        _refuse_unsupported(req)
+        self._check_model(req.model)
+        thinking = thinking_of(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        tools = req.tools if req.tools and req.tool_choice != "none" else None
+        ids = await asyncio.to_thread(self._render, template_messages(req.messages), tools, thinking)
+        job = self._job(req, ids, max_tokens, "messages")
+        kind = ChatFormat(self.model_id, req)
+        return await self._answer(req, request, job, kind)
+
+    async def completions(self, req: CompletionRequest, request: Request):
+        _refuse_unsupported(req)
+        self._check_model(req.model)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "one prompt per request (a list of several is like n > 1)", "prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt = repair_text(prompt)
+        try:
+            ids = encode_text(self.engine.tokenizer, prompt)
+        except UserError as e:
+            raise APIError(400, str(e), "prompt") from None
+        job = self._job(req, ids, req.max_tokens, "prompt")
+        return await self._answer(req, request, job, CompletionFormat(self.model_id, req))
+
+    # -- shared steps
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model_id, Path(self.model_id).name):
+            raise APIError(404, f"model {name!r} is not served here; GET /v1/models lists {self.model_id!r}",
+                           "model", "model_not_found")
+
+    def _render(self, messages: list[dict], tools, thinking: bool) -> list[int]:
+        kwargs = {"tools": tools} if tools else {}
+        try:
+            ids = self.engine.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, enable_thinking=thinking, tokenize=True,
+                return_dict=False, **kwargs)
+        except (ValueError, TypeError, KeyError, jinja2.TemplateError) as e:
+            raise APIError(400, f"the model's chat template cannot render this request ({first_line(e)})",
+                           "tools" if tools else "messages") from None
+        return [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
+
+    def _job(self, req: _Request, ids: list[int], max_tokens, prompt_field: str) -> Job:
+        model = self.engine.model
+        try:
+            settings = GenerationSettings.resolve(
+                model, max_tokens=max_tokens, seed=req.seed, max_denoising_steps=req.max_denoising_steps,
+                t_min=req.t_min, t_max=req.t_max, entropy_bound=req.entropy_bound)
+        except UserError as e:
+            raise APIError(400, str(e), _setting_param(str(e))) from None
+        args = model.args
+        need = len(ids) + math.ceil(settings.max_tokens / args.canvas_length) * args.canvas_length
+        if need > args.max_position_embeddings:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) and max_tokens={settings.max_tokens} (written as "
+                           f"whole canvases) need {need} tokens, over the model's context of "
+                           f"{args.max_position_embeddings}", prompt_field, "context_length_exceeded")
+        return Job(ids, settings, _stops(req.stop), req.stream and req.stream_drafts, asyncio.get_running_loop())
+
+    def _admit(self, job: Job) -> None:
+        # Runs on the event loop, so the counter needs no lock.
+        if self.pending >= 1 + self.config.max_queue:
+            wait = max(1, math.ceil(self.pending * self.seconds_per_job))
+            raise APIError(503, f"the server is busy ({self.pending} requests ahead); retry later",
+                           code="queue_full", headers={"Retry-After": str(wait)})
+        self.pending += 1
+        job.started = time.perf_counter()
+        self.engine.jobs.put(job)
+
+    def _release(self, job: Job) -> None:
+        if job.released:
+            return
+        job.released = True
+        self.pending -= 1
+        elapsed = time.perf_counter() - job.started
+        self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * elapsed
+
+    async def _answer(self, req: _Request, request: Request, job: Job, fmt: "ChatFormat"):
+        self._admit(job)
+        if req.stream:
+            return StreamingResponse(self._stream(job, fmt), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return await self._whole(job, request, fmt)
+        finally:
+            job.cancelled.set()
+
+    async def _events(self, job: Job, timeout: float):
+        """The job's events until it is done; None every `timeout` seconds of quiet."""
+        try:
+            while True:
+                try:
+                    kind, payload = await asyncio.wait_for(job.events.get(), timeout)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                yield kind, payload
+                if kind in ("done", "error"):
+                    return
+        finally:
+            # Normal end, disconnect or cancellation: the worker stops at its next step.
+            job.cancelled.set()
+            self._release(job)
+
+    async def _whole(self, job: Job, request: Request, fmt: "ChatFormat"):
+        async for item in self._events(job, 0.1):
+            if item is None:
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)
+                continue
+            kind, payload = item
+            if kind == "delta":
+                fmt.add(payload["text"], payload["final"])
+            elif kind == "error":
+                raise APIError(payload["status"], payload["message"])
+            elif kind == "done":
+                return fmt.whole(payload["finish_reason"], payload["usage"])
+
+    async def _stream(self, job: Job, fmt: "ChatFormat"):
+        include_usage = bool((fmt.req.stream_options or {}).get("include_usage"))
+        try:
+            async for chunk in self._stream_events(job, fmt, include_usage):
+                yield chunk
+        finally:
+            job.cancelled.set()
+            self._release(job)
+
+    async def _stream_events(self, job: Job, fmt: "ChatFormat", include_usage: bool):
+        yield _sse(fmt.first_chunk())
+        async for item in self._events(job, 5.0):
+            if item is None:
+                yield ": keepalive\n\n"
+                continue
+            kind, payload = item
+            if kind == "draft":
+                yield _sse(fmt.draft_event(payload), event="draft")
+            elif kind == "delta":
+                for chunk in fmt.delta_chunks(payload["text"], payload["final"]):
+                    yield _sse(chunk)
+            elif kind == "error":
+                yield _sse({"error": {"message": payload["message"], "type": "server_error",
+                                      "param": None, "code": None}})
+            elif kind == "done":
+                yield _sse(fmt.last_chunk(payload["finish_reason"]))
+                if include_usage:
+                    yield _sse(fmt.usage_chunk(payload["usage"]))
+        yield "data: [DONE]\n\n"
+
+
+def _sse(data: dict, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _setting_param(message: str) -> str | None:
+    for name in ("max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "seed"):
+        if name in message:
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------- responses
+
+class ChatFormat:
+    """Builds chat.completion bodies and chunks from committed text deltas, splitting
+    thoughts and tool calls out with `OutputParser`."""
+
+    object_name = "chat.completion"
+
+    def __init__(self, model_id: str, req):
+        self.model_id, self.req = model_id, req
+        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.parser = OutputParser()
+        self.parsed = Parsed()
+        self.n_calls = 0
+
+    def _base(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id, "choices": choices}
+
+    def add(self, text: str, final: bool) -> Parsed:
+        piece = self.parser.feed(text, final=final)
+        self.parsed += piece
+        return piece
+
+    def _finish(self, finish: str) -> str:
+        return "tool_calls" if self.parsed.tool_calls and finish == "stop" else finish
+
+    def _tool_calls(self, calls, start: int = 0, with_index: bool = False) -> list[dict]:
+        out = []
+        for i, call in enumerate(calls, start):
+            item = {"id": f"call_{secrets.token_hex(8)}", "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments_json()}}
+            out.append({"index": i, **item} if with_index else item)
+        return out
+
+    def whole(self, finish: str, usage: dict) -> dict:
+        message = {"role": "assistant", "content": self.parsed.content}
+        if self.parsed.reasoning:
+            message["reasoning_content"] = self.parsed.reasoning
+        if self.parsed.tool_calls:
+            message["tool_calls"] = self._tool_calls(self.parsed.tool_calls)
+        choice = {"index": 0, "message": message, "finish_reason": self._finish(finish), "logprobs": None}
+        if self.parser.thought_unfinished:
+            choice["thinking_unfinished"] = True
+        return {**self._base(self.object_name, [choice]), "usage": usage}
+
+    def first_chunk(self) -> dict:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
+        return self._base("chat.completion.chunk",
+                          [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
+
+    def delta_chunks(self, text: str, final: bool) -> list[dict]:
+        piece = self.add(text, final)
+        delta: dict = {}
+        if piece.reasoning:
+            delta["reasoning_content"] = piece.reasoning
+        if piece.content:
+            delta["content"] = piece.content
+        if piece.tool_calls:
+            delta["tool_calls"] = self._tool_calls(piece.tool_calls, self.n_calls, with_index=True)
+            self.n_calls += len(piece.tool_calls)
+        return [self._chunk(delta)] if delta else []
+
+    def last_chunk(self, finish: str) -> dict:
+        chunk = self._chunk({}, self._finish(finish))
+        if self.parser.thought_unfinished:
+            chunk["choices"][0]["thinking_unfinished"] = True
+        return chunk
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._base("chat.completion.chunk", []), "usage": usage}
+
+    def draft_event(self, payload: dict) -> dict:
+        """The `event: draft` extension: the current canvas's draft after one step."""
+        return {**self._base("chat.completion.draft", []), "draft": payload}
+
+
+class CompletionFormat(ChatFormat):
+    """text_completion bodies and chunks: the raw text, nothing parsed out."""
+
+    object_name = "text_completion"
+
+    def __init__(self, model_id: str, req):
+        super().__init__(model_id, req)
+        self.id = f"cmpl-{secrets.token_hex(12)}"
+        self.text = ""
+
+    def add(self, text: str, final: bool) -> Parsed:
+        self.text += text
+        return Parsed(content=text)
+
+    def whole(self, finish: str, usage: dict) -> dict:
+        choice = {"index": 0, "text": self.text, "finish_reason": finish, "logprobs": None}
+        return {**self._base(self.object_name, [choice]), "usage": usage}
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
+        choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish, "logprobs": None}
+        return self._base("text_completion", [choice])
+
+    def first_chunk(self) -> dict:
+        return self._chunk({})
+
+    def last_chunk(self, finish: str) -> dict:
+        return self._chunk({}, finish)
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._base("text_completion", []), "usage": usage}
+
+
+# ---------------------------------------------------------------------------- errors
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return APIError(400, "the request body is not valid JSON").response()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Union members add their type to the location; the field's path is what a client needs.
+    loc = [p for p in loc if not p.startswith(("str", "list[", "int", "dict", "float", "bool", "function-"))]
+    param = ".".join(loc) or None
+    message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    return APIError(422, message, param, "invalid_type").response()
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed"}
+    return APIError(exc.status_code, message.get(exc.status_code, str(exc.detail))).response()
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return APIError(500, f"internal error: {first_line(exc)}").response()
+
+
+def build_server(config: ServerConfig) -> Server:
+    """Load the model (on the generation thread) and return the server around it."""
+    engine = Engine(config.model, config.cache_entries, config.cache_bytes)
+    engine.start()
+    return Server(config, engine)
+
+
+def asgi_app(server: Server):
+    """The ASGI application with the request-size limit in front."""
+    return BodyLimit(server.app, server.config.max_body_bytes)
+
+
+def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    """Load the model and serve until interrupted."""
+    import uvicorn
+
+    server = build_server(config)
+    try:
+        uvicorn.run(asgi_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+    finally:
+        server.engine.stop()
