@@ -227,7 +227,7 @@ def seed_key(seed: int | None) -> mx.array:
 
 def generate_step(
     model, prompt_ids: Sequence[int] | Sequence[Sequence[int]], cache: list | None = None,
-    settings: GenerationSettings | None = None, **overrides,
+    settings: GenerationSettings | None = None, images: Sequence | None = None, **overrides,
 ) -> Generator[StepEvent, None, None]:
     """Encode `prompt_ids` (appending to `cache`, a fresh one by default) and denoise
     canvases until an EOS is committed or `max_tokens` are written.
@@ -237,16 +237,21 @@ def generate_step(
     `GenerationSettings` (else `overrides` are resolved against the model). A list of
     equal-length prompts runs as a batch: rows share one PRNG key, each row stops its
     canvas on its own stop test, and events carry per-row values.
+
+    `images` are the `PreparedImage`s (see `images.py`) of the prompt's runs of image
+    tokens, in order: `prompt_ids` holds each already expanded (`expand_image_tokens`).
     """
     s = settings.updated(**overrides) if settings is not None else GenerationSettings.resolve(model, **overrides)
     if settings is not None and overrides:
         s.validate(model.args.vocab_size, model.args.canvas_length)
     prompt, batched = _prompt_array(prompt_ids, model.args.vocab_size)
-    for event in _generate(model, prompt, model.make_cache() if cache is None else cache, s):
+    # The tower runs before any encoding, so a bad image leaves the cache untouched.
+    features = model.embed_images(images) if images else None
+    for event in _generate(model, prompt, model.make_cache() if cache is None else cache, s, features):
         yield event if batched else _unbatched(event)
 
 
-def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings):
+def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, features: list | None = None):
     args = model.args
     B, L = prompt.shape[0], args.canvas_length
     n_canvases = math.ceil(s.max_tokens / L)
@@ -257,7 +262,10 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings):
         # Without a seed each rank draws its own; all must follow one key chain.
         key = broadcast(key, shard.group)
     tic = time.perf_counter()
-    model.encode(prompt, cache)
+    if features:
+        model.encode(prompt, cache, features)
+    else:
+        model.encode(prompt, cache)
     prompt_seconds = time.perf_counter() - tic
     eos, ended = set(s.eos_token_ids), [False] * B
     for c in range(n_canvases):
@@ -487,16 +495,27 @@ class CommittedText:
 
 
 def stream_generate(model, tokenizer, prompt: str | Sequence[int], cache: list | None = None,
-                    settings: GenerationSettings | None = None,
+                    settings: GenerationSettings | None = None, images: Sequence | None = None,
                     **overrides) -> Generator[GenerationResponse, None, None]:
-    """Generate text, yielding a `GenerationResponse` per denoising step and per committed canvas."""
+    """Generate text, yielding a `GenerationResponse` per denoising step and per committed canvas.
+
+    `images` (paths, PIL images, uint8 arrays or `PreparedImage`s) fill the prompt's image
+    placeholders (the tokenizer's `<|image|>`, one per image, in order), each widened to
+    the image's soft tokens.
+    """
     ids = encode_text(tokenizer, prompt)
+    prepared = None
+    if images is not None:
+        from .images import expand_for, prepare_for
+
+        prepared = prepare_for(model, images)
+        ids = expand_for(model, ids, prepared)
     s = settings.updated(**overrides) if settings is not None else GenerationSettings.resolve(model, **overrides)
     tracker = CommittedText(tokenizer, set(s.eos_token_ids), model.args.pad_token_id)
     mx.reset_peak_memory()
     prompt_tps, steps, forwards, generated = 0.0, [], 0, 0
     tic = time.perf_counter()
-    for ev in generate_step(model, ids, cache=cache, settings=s):
+    for ev in generate_step(model, ids, cache=cache, settings=s, images=prepared):
         if ev.prompt_seconds is not None:
             prompt_tps = len(ids) / max(ev.prompt_seconds, 1e-9)
             tic = time.perf_counter()

@@ -60,6 +60,12 @@ class ModelArgs:
     eos_token_ids: list[int]  # generation_config.json's, else config.json's
     vision_config: dict | None = None
     generation_config: dict = field(default_factory=dict)
+    # Image placeholders (the release's ids are the reference's defaults) and the soft
+    # tokens per image the checkpoint was configured for.
+    image_token_id: int = 258880
+    boi_token_id: int = 255999
+    eoi_token_id: int = 258882
+    vision_soft_tokens_per_image: int = 280
 
     @classmethod
     def from_config(cls, config: dict, generation_config: dict | None = None) -> "ModelArgs":
@@ -102,7 +108,15 @@ class ModelArgs:
             eos_token_ids=_eos_ids(config, text, generation_config or {}),
             vision_config=config.get("vision_config"),
             generation_config=dict(generation_config or {}),
+            **_image_fields(config),
         )
+
+
+def _image_fields(config: dict) -> dict:
+    """The image token ids and soft-token count config.json sets (absent ones keep the
+    reference's defaults)."""
+    names = ("image_token_id", "boi_token_id", "eoi_token_id", "vision_soft_tokens_per_image")
+    return {k: _positive(config, k, "") for k in names if config.get(k) is not None}
 
 
 def _layer_types(text: dict) -> list[str]:

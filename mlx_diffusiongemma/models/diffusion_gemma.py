@@ -7,11 +7,14 @@ tensors, then `Model` with `encode`, `denoise`, `make_cache`, `sanitize` and
 """
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from ..errors import UserError
 from .cache import FullCache, SlidingCache
 from .config import ModelArgs
 from .sharding import all_sum, sum_pair
@@ -192,9 +195,10 @@ class DecoderLayer(nn.Module):
             setattr(self, name, RMSNorm(H, eps))
         self.layer_scalar = mx.ones((1,))
 
-    def attend(self, x: mx.array, cache, decoding: bool) -> mx.array:
+    def attend(self, x: mx.array, cache, decoding: bool, images: mx.array | None = None) -> mx.array:
         """Residual attention block. Encoding appends to `cache` under a causal (and, for
-        sliding layers, windowed) mask; decoding reads it and attends everywhere."""
+        sliding layers, windowed) mask, opened between the tokens of one image (`images`,
+        see `image_mask`); decoding reads it and attends everywhere."""
         L = x.shape[1]
         h = self.input_layernorm(x)
         offset = cache.offset
@@ -208,6 +212,8 @@ class DecoderLayer(nn.Module):
             k, v = cache.update_and_fetch(k, v)
             T = k.shape[2]
             mask = causal_mask(offset, L, offset + L - T, T, self.self_attn.window)
+            if images is not None:
+                mask = mask | image_mask(images, T)
         return x + self.post_attention_layernorm(self.self_attn(h, k, v, q, mask))
 
     def feed_forward(self, h: mx.array, scalar: mx.array, grouped: bool = False) -> mx.array:
@@ -307,6 +313,17 @@ class DiffusionGemmaModel(nn.Module):
         self.decoder = Decoder(args)
 
 
+def image_mask(images: mx.array, T: int) -> mx.array:
+    """Boolean (B, 1, L, T) mask letting each token of an image see every token of the same
+    image (`use_bidirectional_attention: "vision"`), in full and sliding layers alike.
+    `images` (B, L) numbers the images of the chunk's tokens, -1 for text; the T - L keys
+    before the chunk are cached text or whole earlier images (a chunk never splits one)."""
+    B, L = images.shape
+    keys = mx.concatenate([mx.full((B, T - L), -1, dtype=images.dtype), images], axis=1)
+    same = (images[:, :, None] == keys[:, None, :]) & (images[:, :, None] >= 0)
+    return same[:, None]
+
+
 def causal_mask(q_start: int, L: int, k_start: int, T: int, window: int | None) -> mx.array:
     """Boolean (L, T) mask: query at q_start+i sees key k_start+j when it is not in the
     future and, for sliding layers, lies within the last `window` positions."""
@@ -326,6 +343,7 @@ class Model(nn.Module):
         self.args = args
         self.model = DiffusionGemmaModel(args, with_vision=args.vision_config is not None and not text_only)
         self.prefill_step_size = 512
+        self._image_features: dict[str, mx.array] = {}
         # Per-expert GEMMs beat gather_mm on the CPU backend; on a GPU gather_mm wins and
         # needs no host synchronisation.
         self.moe_grouped = mx.default_device().type == mx.DeviceType.cpu
@@ -354,24 +372,61 @@ class Model(nn.Module):
             for t in self.args.layer_types
         ]
 
-    def encode(self, input_ids: mx.array, cache: list) -> None:
-        """Run the causal encoder over `input_ids` (B, L), appending to `cache` in chunks."""
-        for start in range(0, input_ids.shape[1], self.prefill_step_size):
-            self.encode_chunk(input_ids[:, start : start + self.prefill_step_size], cache)
+    def encode(self, input_ids: mx.array, cache: list, image_features: list[mx.array] | None = None) -> None:
+        """Run the causal encoder over `input_ids` (B, L), appending to `cache` in chunks.
+
+        `image_features` (from `embed_images`) replace the embeddings of the image tokens,
+        one array per run of image tokens in row-major order; a chunk never ends inside an
+        image, whose tokens attend to each other both ways.
+        """
+        if not image_features:
+            for start in range(0, input_ids.shape[1], self.prefill_step_size):
+                self.encode_chunk(input_ids[:, start : start + self.prefill_step_size], cache)
+                mx.eval([c.state for c in cache])
+            return
+        placed = place_images(np.array(input_ids), image_features, self.args.image_token_id)
+        for start, end in placed.chunks(self.prefill_step_size):
+            self.encode_chunk(input_ids[:, start:end], cache, placed.chunk(start, end))
             mx.eval([c.state for c in cache])
 
-    def encode_chunk(self, input_ids: mx.array, cache: list) -> None:
+    def encode_chunk(self, input_ids: mx.array, cache: list, images: "ImageChunk | None" = None) -> None:
         """One causal encoder pass over `input_ids`, appending to `cache` unevaluated (so
         training can differentiate through the cached keys and values)."""
         decoder = self.model.decoder
         x = decoder.embed(input_ids)
+        groups = None
+        if images is not None:
+            x = mx.where(images.groups[..., None] >= 0, images.features[images.rows].astype(x.dtype), x)
+            groups = images.groups
         scalars = self.model.encoder.language_model.layers
         last = len(self.layers) - 1
         for i, (layer, c) in enumerate(zip(self.layers, cache)):
-            x = layer.attend(x, c, decoding=False)
+            x = layer.attend(x, c, decoding=False, images=groups)
             # Only the caches matter: the last layer's feed-forward output is never read.
             if i < last:
                 x = layer.feed_forward(x, scalars[i].layer_scalar, self.moe_grouped)
+
+    def embed_images(self, images) -> list[mx.array]:
+        """Features (soft tokens, hidden) in the text width of each `PreparedImage`, from the
+        vision tower and its embedder. The features of the last few images are kept, so an
+        image a conversation carries runs through the tower once."""
+        from ..images import check_takes_images
+
+        check_takes_images(self)
+        encoder = self.model.encoder
+        out = []
+        for image in images:
+            features = self._image_features.pop(image.digest, None)
+            if features is None:
+                soft = encoder.vision_tower(mx.array(image.pixels)[None], mx.array(image.positions)[None], image.grid)
+                features = encoder.embed_vision(soft)[0]
+                mx.eval(features)
+            # Most recently used last; the oldest beyond the limit are dropped.
+            self._image_features[image.digest] = features
+            while len(self._image_features) > IMAGE_FEATURES_KEPT:
+                self._image_features.pop(next(iter(self._image_features)))
+            out.append(features)
+        return out
 
     def denoise(
         self,
@@ -432,6 +487,67 @@ class Model(nn.Module):
 
 
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+IMAGE_FEATURES_KEPT = 8
+
+
+@dataclass
+class ImageChunk:
+    """The image tokens of one encoder chunk: `groups` (B, L) numbers each token's image
+    (-1 for text), `rows` (B, L) indexes its feature row in `features` (N, hidden)."""
+
+    groups: mx.array
+    rows: mx.array
+    features: mx.array
+
+
+@dataclass
+class PlacedImages:
+    """Where a prompt's image features go (see `place_images`)."""
+
+    groups: np.ndarray
+    rows: np.ndarray
+    features: mx.array
+
+    def chunks(self, step: int):
+        """(start, end) chunks of about `step` tokens, each extended to end after an image
+        it would otherwise cut (the image's tokens must see each other in one pass)."""
+        L, start = self.groups.shape[1], 0
+        while start < L:
+            end = min(start + step, L)
+            while end < L and ((self.groups[:, end - 1] >= 0) & (self.groups[:, end - 1] == self.groups[:, end])).any():
+                end += 1
+            yield start, end
+            start = end
+
+    def chunk(self, start: int, end: int) -> ImageChunk:
+        return ImageChunk(mx.array(self.groups[:, start:end]), mx.array(self.rows[:, start:end]), self.features)
+
+
+def place_images(ids: np.ndarray, features: list[mx.array], image_token_id: int) -> PlacedImages:
+    """Match each run of image tokens in `ids` (B, L) to the next of `features`, checking
+    that the runs and the images agree in number and length."""
+    B, L = ids.shape
+    groups = np.full((B, L), -1, dtype=np.int32)
+    rows = np.zeros((B, L), dtype=np.int32)
+    runs = []
+    for b in range(B):
+        is_image = np.concatenate([[False], ids[b] == image_token_id, [False]])
+        edges = np.flatnonzero(is_image[1:] != is_image[:-1])
+        for g, (start, end) in enumerate(zip(edges[::2], edges[1::2])):
+            groups[b, start:end] = g
+            runs.append((b, start, end))
+    if len(runs) != len(features):
+        raise UserError(f"the prompt holds {len(runs)} image(s) but {len(features)} were given; give one per image")
+    offset = 0
+    for (b, start, end), f in zip(runs, features):
+        if f.shape[0] != end - start:
+            raise UserError(
+                f"an image of {f.shape[0]} soft tokens was given for {end - start} image tokens in the prompt; "
+                "expand each placeholder to the image's soft tokens (see images.expand_image_tokens)"
+            )
+        rows[b, start:end] = np.arange(offset, offset + end - start)
+        offset += end - start
+    return PlacedImages(groups, rows, mx.concatenate(features, axis=0))
 
 
 def _is_tied_or_buffer(name: str) -> bool:
