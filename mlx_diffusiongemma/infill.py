@@ -176,8 +176,9 @@ def end_token(tokenizer, model, chat: bool) -> int:
     """The id that ends the output: the end of the model's turn in a chat, else EOS."""
     eos = list(model.args.eos_token_ids)
     if chat:
+        # Gemma 4's chat template closes every model turn with <turn|>.
         turn_end = tokenizer.convert_tokens_to_ids("<turn|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
-        if turn_end in eos:
+        if isinstance(turn_end, int) and turn_end != getattr(tokenizer, "unk_token_id", None):
             return turn_end
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if eos_id is None and not eos:
@@ -276,7 +277,7 @@ def edit(model, tokenizer, text: str, start: int, end: int, instruction: str | N
 def _search(layout: _Layout, lengths: list[int | None], candidates: Sequence[int], settings: dict):
     """Coordinate search over the unknown hole lengths; yields drafts, then the best result."""
     for key in ("max_tokens", "pinned"):
-        if key in settings:
+        if settings.get(key) is not None:
             raise UserError(f"infill sets {key} itself; leave it out")
     candidates = sorted({int(c) for c in candidates})
     if not candidates or candidates[0] <= 0:
