@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import Model, ModelArgs
 from .models.config import explain_shape
 from .models.sharding import silence_followers, world_group
@@ -20,6 +20,11 @@ from .weights.slices import load_sharded
 
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# JSON files transformers reads with the tokenizer: a corrupt one fails deep inside it with
+# a long traceback, so each is parsed here first and named.
+TOKENIZER_JSON_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "chat_template.json")
+# transformers' own "no limit" value: our context check is the one that counts.
+UNLIMITED_LENGTH = int(1e30)
 
 
 class MemoryWarning(UserWarning):
@@ -146,16 +151,53 @@ def _read_weights(model: Model, infos: dict) -> dict[str, mx.array]:
 def load(path, text_only: bool = True, lazy: bool = False):
     """Load `(model, tokenizer)`; the tokenizer is mlx-lm's `TokenizerWrapper` with the
     model's generation EOS ids."""
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
-
     model_dir = resolve_model_path(path, MODEL_PATTERNS)
     missing = [f for f in TOKENIZER_FILES if not (model_dir / f).is_file()]
     if missing:
         raise UserError(f"{model_dir} has no {missing[0]}; copy the tokenizer files into the model directory")
+    check_tokenizer_files(model_dir)  # before the (slow) weights: a bad file fails at once
     model = load_model(model_dir, text_only=text_only, lazy=lazy)
-    tokenizer = load_tokenizer(model_dir, eos_token_ids=list(model.args.eos_token_ids))
+    tokenizer = load_tokenizer(model_dir, list(model.args.eos_token_ids))
     check_vocab(tokenizer, model)
     return model, tokenizer
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """Parse the tokenizer's JSON files that `model_dir` holds; a corrupt one is a UserError
+    naming it."""
+    for name in TOKENIZER_JSON_FILES:
+        path = model_dir / name
+        data = read_json(path, required=False)
+        if data is not None and not isinstance(data, dict):
+            raise UserError(
+                f"{path} holds a JSON {type(data).__name__}, expected an object; re-download it from the model's repository"
+            )
+    tokenizer = read_json(model_dir / "tokenizer.json", required=False)
+    if tokenizer is not None and not isinstance(tokenizer.get("model"), dict):
+        raise UserError(
+            f"{model_dir / 'tokenizer.json'} has no \"model\" object, so it is not a tokenizers file; "
+            "re-download it from the model's repository"
+        )
+
+
+def load_tokenizer(model_dir: Path, eos_token_ids: list[int]):
+    """mlx-lm's `TokenizerWrapper` for `model_dir`; any failure of its files is one UserError."""
+    from mlx_lm.tokenizer_utils import load as mlx_lm_load
+
+    check_tokenizer_files(model_dir)
+    try:
+        tokenizer = mlx_lm_load(model_dir, eos_token_ids=eos_token_ids)
+    except Exception as e:  # transformers and tokenizers raise many types for a bad file
+        raise UserError(
+            f"cannot load the tokenizer in {model_dir} ({type(e).__name__}: {first_line(e)}); "
+            "re-download tokenizer.json and tokenizer_config.json from the model's repository"
+        ) from None
+    # Otherwise transformers warns about prompts over tokenizer_config.json's
+    # model_max_length ahead of our own line about the model's context.
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    if getattr(hf, "model_max_length", None) is not None:
+        hf.model_max_length = UNLIMITED_LENGTH
+    return tokenizer
 
 
 def check_vocab(tokenizer, model: Model) -> None:
