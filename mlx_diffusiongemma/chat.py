@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import jinja2
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .generate import GenerationResponse, GenerationSettings, stream_generate
 from .prompt_cache import PromptCache
 
@@ -29,6 +29,45 @@ def repair_text(text: str) -> str:
     except UnicodeEncodeError:
         # Surrogates that do not stand for a byte (e.g. pasted from a broken JSON string).
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def check_chat_template(tokenizer, required: bool = True) -> None:
+    """Refuse a tokenizer whose chat template is missing (when `required`: messages cannot
+    become a prompt without one, raw text prompts can) or cannot render a conversation."""
+    has = getattr(tokenizer, "has_chat_template", None)
+    if has is None:
+        has = getattr(tokenizer, "chat_template", None) is not None
+    if has:
+        _render_probe(tokenizer)
+    elif required:
+        raise UserError(
+            f"{_model_dir(tokenizer)} has no chat template, which prompts built from messages need: "
+            "add the model's chat_template.jinja to it (or a \"chat_template\" entry in tokenizer_config.json); "
+            "raw prompts work without one through the Python API (generate with text)"
+        )
+
+
+def _render_probe(tokenizer) -> None:
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    except (ValueError, TypeError, KeyError, jinja2.TemplateError) as e:
+        raise UserError(
+            f"the chat template of {_model_dir(tokenizer)} cannot render a conversation ({first_line(e)}); "
+            "fix or re-download its chat_template.jinja"
+        ) from None
+
+
+def _model_dir(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or "the model directory"
+
+
+def _stop_strings(stop) -> list[str]:
+    # One string is one stop string, not a list of characters.
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise UserError(f"invalid setting: stop strings must be non-empty text, found {s!r}")
+    return [repair_text(s) for s in stops]
 
 
 class StopStrings:
@@ -97,7 +136,10 @@ class ChatSession:
         self.settings = GenerationSettings.resolve(model, **settings)
         self.system = repair_text(system) if system else None
         self.thinking = thinking
-        self.stop = [repair_text(s) for s in stop]
+        self.stop = _stop_strings(stop)
+        # Checked once here, so a conversation without a template fails at the start
+        # rather than on every turn.
+        check_chat_template(tokenizer)
         self.prompt_cache = PromptCache(model, self._default_keep() if keep is None else keep)
         self.messages: list[dict] = []
         self.last: GenerationResponse | None = None
@@ -124,8 +166,10 @@ class ChatSession:
                 tokenize=True, return_dict=False,
             )
         except (ValueError, TypeError, KeyError, jinja2.TemplateError) as e:
-            message = " ".join(str(e).split())[:200]
-            raise UserError(f"the model's chat template cannot render this conversation ({message})") from None
+            raise UserError(
+                f"the chat template of {_model_dir(self.tokenizer)} cannot render this conversation "
+                f"({first_line(e)}); fix or re-download its chat_template.jinja"
+            ) from None
         return [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
 
     def reply(self, text: str) -> Iterator[GenerationResponse]:
