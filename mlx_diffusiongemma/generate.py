@@ -8,6 +8,8 @@ given tokens through every denoising step, the hook infill and edits build on.
 """
 
 import math
+import numbers
+import re
 import secrets
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -29,6 +31,8 @@ REFERENCE_DEFAULTS = dict(
 _INTEGER_SETTINGS = ("max_tokens", "max_denoising_steps", "stability_threshold")
 _FLOAT_SETTINGS = ("t_min", "t_max", "entropy_bound", "confidence_threshold")
 _SEED_RANGE = 2**64
+# generation_config.json's names for the settings it sets under another name.
+_FILE_NAMES = {"max_tokens": "max_new_tokens", "entropy_bound": "sampler_config.entropy_bound"}
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,18 @@ class GenerationSettings:
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown generation setting {sorted(unknown)[0]!r}; see GenerationSettings")
-        base = cls(**_from_generation_config(model.args.generation_config, model.args.eos_token_ids))
-        settings = base.updated(**overrides)
-        settings.validate(model.args.vocab_size, model.args.canvas_length)
+        from_file = _from_generation_config(model.args.generation_config, model.args.eos_token_ids)
+        settings = cls(**from_file).updated(**overrides)
+        explicit = {k for k, v in overrides.items() if v is not None}
+        try:
+            settings.validate(model.args.vocab_size, model.args.canvas_length)
+        except _SettingError as e:
+            raise _blame(e, set(e.fields) & _file_fields(model.args.generation_config) - explicit) from None
         return settings
 
     def updated(self, **overrides) -> "GenerationSettings":
         """A copy with the given (not None) settings replaced, sequences normalised."""
-        explicit = {k: v for k, v in overrides.items() if v is not None}
+        explicit = {k: _plain_number(k, v) for k, v in overrides.items() if v is not None}
         for key in ("eos_token_ids", "initial_canvas"):
             if key in explicit:
                 explicit[key] = _token_tuple(explicit[key], key)
@@ -81,20 +89,31 @@ class GenerationSettings:
     def validate(self, vocab_size: int, canvas_length: int) -> None:
         """Raise a one-line UserError for any setting of the wrong type or out of range."""
         for name in _INTEGER_SETTINGS:
-            _check(_is_int(getattr(self, name)), f"{name} must be an integer, got {getattr(self, name)!r}")
+            _check(_is_int(getattr(self, name)), f"{name} must be an integer, got {getattr(self, name)!r}", name)
         for name in _FLOAT_SETTINGS:
             value = getattr(self, name)
-            _check(_is_number(value) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
-        _check(self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}")
-        _check(self.max_denoising_steps > 0, f"max_denoising_steps must be > 0, got {self.max_denoising_steps}")
-        _check(self.t_min >= 0 and self.t_max >= 0, f"temperatures must be >= 0, got t_min={self.t_min}, t_max={self.t_max}")
-        _check(self.t_max > self.t_min, f"t_max must be greater than t_min, got t_max={self.t_max} <= t_min={self.t_min}")
-        _check(self.t_min > 0, f"t_min must be > 0 (the last step divides by it), got {self.t_min}")
-        _check(self.entropy_bound > 0, f"entropy_bound must be > 0, got {self.entropy_bound}")
-        _check(self.stability_threshold >= 0, f"stability_threshold must be >= 0, got {self.stability_threshold}")
-        _check(self.confidence_threshold > 0, f"confidence_threshold must be > 0, got {self.confidence_threshold}")
+            _check(_is_number(value) and math.isfinite(value), f"{name} must be a finite number, got {value!r}", name)
+        _check(self.max_tokens > 0, f"max_tokens must be > 0, got {self.max_tokens}", "max_tokens")
+        _check(self.max_denoising_steps > 0, f"max_denoising_steps must be > 0, got {self.max_denoising_steps}",
+               "max_denoising_steps")
+        _check(self.t_min >= 0, f"temperatures must be >= 0, got t_min={self.t_min}", "t_min")
+        _check(self.t_max >= 0, f"temperatures must be >= 0, got t_max={self.t_max}", "t_max")
+        _check(self.t_max > self.t_min, f"t_max must be greater than t_min, got t_max={self.t_max} <= t_min={self.t_min}",
+               "t_max", "t_min")
+        _check(self.t_min > 0, f"t_min must be > 0 (the last step divides by it), got {self.t_min}", "t_min")
+        _check(self.entropy_bound > 0, f"entropy_bound must be > 0, got {self.entropy_bound}", "entropy_bound")
+        _check(self.stability_threshold >= 0, f"stability_threshold must be >= 0, got {self.stability_threshold}",
+               "stability_threshold")
+        _check(self.confidence_threshold > 0, f"confidence_threshold must be > 0, got {self.confidence_threshold}",
+               "confidence_threshold")
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < _SEED_RANGE),
-               f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+               f"seed must be an integer in [0, 2**64), got {self.seed!r}; pick one from 0 to {_SEED_RANGE - 1}",
+               "seed")
+        if self.initial_canvas is not None:
+            _check(len(self.initial_canvas) == canvas_length,
+                   f"initial_canvas has {len(self.initial_canvas)} tokens, the model's canvas_length is {canvas_length}")
+            check_token_ids(self.initial_canvas, vocab_size, "initial_canvas")
+        check_token_ids(self.eos_token_ids, vocab_size, "eos_token_ids")
         if self.initial_canvas is not None:
             _check(len(self.initial_canvas) == canvas_length,
                    f"initial_canvas has {len(self.initial_canvas)} tokens, the model's canvas_length is {canvas_length}")
@@ -110,16 +129,57 @@ class GenerationSettings:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numbers.Integral takes numpy's integers too; a bool is never a count or an id.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check(ok: bool, message: str) -> None:
+def _plain_number(name: str, value):
+    """numpy scalars as Python numbers, so settings compare and print as users expect."""
+    if name in (*_INTEGER_SETTINGS, "seed") and _is_int(value):
+        return int(value)
+    if name in _FLOAT_SETTINGS and _is_number(value):
+        return float(value)
+    return value
+
+
+class _SettingError(UserError):
+    """A setting out of range; `fields` names the settings the check involved."""
+
+    def __init__(self, message: str, fields: tuple[str, ...]):
+        super().__init__(message)
+        self.fields = fields
+
+
+def _check(ok: bool, message: str, *fields: str) -> None:
     if not ok:
-        raise UserError(f"invalid setting: {message}")
+        raise _SettingError(f"invalid setting: {message}", fields)
+
+
+def _file_fields(gen: dict) -> set[str]:
+    """The settings whose value came from generation_config.json (not a null there)."""
+    sampler = gen.get("sampler_config") if isinstance(gen.get("sampler_config"), dict) else {}
+    names = {"max_tokens": gen.get("max_new_tokens"), "entropy_bound": sampler.get("entropy_bound")}
+    names.update({k: gen.get(k) for k in ("max_denoising_steps", "t_min", "t_max", "stability_threshold",
+                                           "confidence_threshold")})
+    return {k for k, v in names.items() if v is not None}
+
+
+def _blame(e: _SettingError, from_file: set[str]) -> UserError:
+    """Name generation_config.json when it set a value the failed check involved, so a bad
+    file does not read like a bad option."""
+    if not from_file:
+        return e
+    message = str(e).removeprefix("invalid setting: ")
+    if from_file == set(e.fields):
+        for ours, theirs in _FILE_NAMES.items():
+            message = re.sub(rf"\b{ours}\b", theirs, message)
+        return UserError(f"generation_config.json: {message}; fix or delete generation_config.json")
+    given = ", ".join(sorted(_FILE_NAMES.get(f, f) for f in from_file))
+    return UserError(f"invalid setting: {message} ({given} from the model's generation_config.json)")
 
 
 def _token_tuple(ids, what: str) -> tuple[int, ...]:
@@ -128,7 +188,7 @@ def _token_tuple(ids, what: str) -> tuple[int, ...]:
     bad = [t for t in ids if not _is_int(t)]
     if bad:
         raise UserError(f"invalid setting: {what} must hold integer token ids, found {bad[0]!r}")
-    return tuple(ids)
+    return tuple(int(t) for t in ids)
 
 
 def _pinned_tuple(pinned) -> tuple:
@@ -177,7 +237,12 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
 
 def _from_generation_config(gen: dict, eos: list[int]) -> dict:
     sampler = gen.get("sampler_config")
-    sampler = sampler if isinstance(sampler, dict) else {}
+    if sampler is not None and not isinstance(sampler, dict):
+        raise UserError(
+            f"generation_config.json: 'sampler_config' must be an object or null, found {sampler!r}; "
+            "fix or delete generation_config.json"
+        )
+    sampler = sampler or {}
     values = {
         "max_tokens": gen.get("max_new_tokens"),
         "max_denoising_steps": gen.get("max_denoising_steps"),
@@ -242,7 +307,8 @@ def generate_step(
     tokens, in order: `prompt_ids` holds each already expanded (`expand_image_tokens`).
     """
     s = settings.updated(**overrides) if settings is not None else GenerationSettings.resolve(model, **overrides)
-    if settings is not None and overrides:
+    if settings is not None:
+        # Settings built by hand never went through `resolve`; checking is cheap.
         s.validate(model.args.vocab_size, model.args.canvas_length)
     prompt, batched = _prompt_array(prompt_ids, model.args.vocab_size)
     # The tower runs before any encoding, so a bad image leaves the cache untouched.
@@ -294,6 +360,7 @@ def _unbatched(e: StepEvent) -> StepEvent:
 
 
 def _prompt_array(prompt_ids, vocab_size: int) -> tuple[mx.array, bool]:
+    prompt_ids = _listed(prompt_ids)
     if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
         raise UserError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
     batched = len(prompt_ids) > 0 and not _is_int(prompt_ids[0]) and isinstance(prompt_ids[0], Sequence)
@@ -305,6 +372,13 @@ def _prompt_array(prompt_ids, vocab_size: int) -> tuple[mx.array, bool]:
     if len({len(r) for r in rows}) > 1:
         raise UserError("a batch of prompts must have equal lengths; pad or group them by length")
     return mx.array([list(r) for r in rows], dtype=mx.int32), batched
+
+
+def _listed(ids):
+    """numpy and MLX arrays of token ids as lists (what a tokenizer may hand back)."""
+    if not isinstance(ids, (str, bytes, Sequence)) and callable(getattr(ids, "tolist", None)):
+        return ids.tolist()
+    return ids
 
 
 def _check_context(used: int, n_canvases: int, args) -> None:
@@ -451,6 +525,7 @@ def encode_text(tokenizer, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a prompt given as text (encoded as-is, BOS added once) or as ids."""
     if prompt is None:
         raise UserError("the prompt is missing; give some text or token ids")
+    prompt = _listed(prompt)
     if not isinstance(prompt, str):
         if isinstance(prompt, bytes) or not isinstance(prompt, Sequence):
             raise UserError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")

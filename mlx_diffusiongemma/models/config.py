@@ -105,7 +105,7 @@ class ModelArgs:
             max_position_embeddings=_positive(text, "max_position_embeddings"),
             canvas_length=_positive(config, "canvas_length", ""),
             pad_token_id=_require(text, "pad_token_id", int, "text_config."),
-            eos_token_ids=_eos_ids(config, text, generation_config or {}),
+            eos_token_ids=_eos_ids(config, text, generation_config or {}, _positive(text, "vocab_size")),
             vision_config=config.get("vision_config"),
             generation_config=dict(generation_config or {}),
             **_image_fields(config),
@@ -205,7 +205,7 @@ def _check_supported(text: dict) -> None:
         )
 
 
-def _eos_ids(config: dict, text: dict, generation: dict) -> list[int]:
+def _eos_ids(config: dict, text: dict, generation: dict, vocab_size: int) -> list[int]:
     """The ids that end generation: generation_config.json's list when it has one (the
     release adds `<|tool_response>` there), else config.json's."""
     where, eos = "generation_config.json", generation.get("eos_token_id")
@@ -216,6 +216,11 @@ def _eos_ids(config: dict, text: dict, generation: dict) -> list[int]:
     ids = [eos] if not isinstance(eos, list) else eos
     if any(type(e) is not int or e < 0 for e in ids):
         raise UserError(f"{where}: 'eos_token_id' must be a token id or a list of them, found {eos!r}; fix {where}")
+    outside = [e for e in ids if e >= vocab_size]
+    if outside:
+        raise UserError(
+            f"{where}: 'eos_token_id' {outside[0]} is outside the vocabulary (vocab_size {vocab_size}); fix {where}"
+        )
     return ids
 
 
