@@ -1,5 +1,6 @@
 """Options shared by the commands, named after `GenerationSettings`, and model loading."""
 
+import math
 from typing import Annotated
 
 import typer
@@ -11,9 +12,27 @@ from ..weights.hub import DEFAULT_MODEL
 
 
 def _positive(value: float | None) -> float | None:
-    if value is not None and value <= 0:
-        raise typer.BadParameter(f"{value} is not > 0.")
+    # A callback rather than `min=`: the help would show `x>=0.0`, but 0 is refused too;
+    # click's float also takes "inf" and "nan", which no setting can use.
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number > 0.")
     return value
+
+
+def seed_option(value: int | None) -> int | None:
+    # MLX's PRNG keys take 64 bits; refused rather than wrapped, so a seed means one thing.
+    if value is not None and not 0 <= value < SEED_LIMIT:
+        raise typer.BadParameter(f"{value} is outside [0, 2**64); pick a seed from 0 to {SEED_LIMIT - 1}.")
+    return value
+
+
+def _stops(values: list[str] | None) -> list[str] | None:
+    if values and "" in values:
+        raise typer.BadParameter("an empty stop string would end every reply at once; give some text.")
+    return values
+
+
+SEED_LIMIT = 2**64
 
 
 # Sampling defaults come from the model's generation_config.json, else the reference's.
@@ -28,21 +47,21 @@ StepsOption = Annotated[int | None, typer.Option(
     "--steps", min=1, help="Most denoising steps per canvas.",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["max_denoising_steps"]))]
 TMinOption = Annotated[float | None, typer.Option(
-    min=0.0, help="Temperature of the last denoising step.",
+    callback=_positive, help="Temperature of the last denoising step.",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["t_min"]))]
 TMaxOption = Annotated[float | None, typer.Option(
-    min=0.0, help="Temperature of the first denoising step (must exceed --t-min).",
+    callback=_positive, help="Temperature of the first denoising step (must exceed --t-min).",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["t_max"]))]
 EntropyOption = Annotated[float | None, typer.Option(
     callback=_positive, help="Entropy budget (nats) for accepting sampled tokens each step.",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["entropy_bound"]))]
 SeedOption = Annotated[int | None, typer.Option(
-    help="Random seed for reproducible output.", show_default="a fresh seed each run")]
+    callback=seed_option, help="Random seed for reproducible output, 0 to 2**64-1.", show_default="a fresh seed each run")]
 SystemOption = Annotated[str | None, typer.Option(help="System prompt.", show_default="none")]
 ThinkOption = Annotated[bool, typer.Option(
     "--think/--no-think", help="Let the model think before answering.")]
 StopOption = Annotated[list[str] | None, typer.Option(
-    "--stop", help="End the reply where this text appears, cutting it (repeatable).", show_default="none")]
+    "--stop", callback=_stops, help="End the reply where this text appears, cutting it (repeatable).", show_default="none")]
 
 
 def settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) -> dict:

@@ -9,6 +9,13 @@ from rich.console import Console
 from ..demos.sudoku import puzzles
 from ..errors import UserError
 from .app import app
+from .options import seed_option
+
+
+def _blanks(value: int) -> int:
+    if not 0 <= value <= puzzles.MAX_BLANKS:
+        raise typer.BadParameter(f"{value} is not a number of blanks from 0 to {puzzles.MAX_BLANKS}.")
+    return value
 
 
 @app.command()
@@ -16,10 +23,11 @@ def sudoku(
     puzzle: Annotated[str | None, typer.Option(
         help="81 cells row by row, '.' or '0' for blanks.", show_default="a generated one")] = None,
     blanks: Annotated[int, typer.Option(
-        help=f"Blanks in a generated puzzle, 0 to {puzzles.MAX_BLANKS} "
+        callback=_blanks, help=f"Blanks in a generated puzzle, 0 to {puzzles.MAX_BLANKS} "
              "(the shipped model solves 96% at 30, 71% at 40).")] = puzzles.DEFAULT_BLANKS,
     seed: Annotated[int | None, typer.Option(help="Seed of the generated puzzle.", show_default="random")] = None,
-    sampler_seed: Annotated[int, typer.Option(help="Seed of the denoising sampler.")] = 0,
+    sampler_seed: Annotated[int, typer.Option(
+        callback=seed_option, help="Seed of the denoising sampler, 0 to 2**64-1.")] = 0,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="A Sudoku model directory.", show_default="the one shipped in the package")] = None,
 ):
@@ -27,6 +35,7 @@ def sudoku(
 
     Exits 0 when the grid is solved, 1 when the model's answer is wrong.
     """
+    from ..chat import check_chat_template
     from ..demos.sudoku.solver import load_solver, normalize, show_solve  # deferred: --help stays fast
 
     console = Console(highlight=False)
@@ -39,6 +48,7 @@ def sudoku(
     if not puzzles.solve(grid, limit=1):
         raise UserError("this puzzle has no solution (its givens conflict); check the puzzle")
     model, tokenizer = load_solver(model)
+    check_chat_template(tokenizer)  # the puzzle is a chat turn
     answer = show_solve(grid, model, tokenizer, console, console.is_terminal, seed=sampler_seed)
     solved = puzzles.is_solved(answer, grid)
     console.print("solved" if solved else "not solved", style="bold green" if solved else "bold red")
