@@ -142,6 +142,8 @@ class ChatSession:
         check_chat_template(tokenizer)
         self.prompt_cache = PromptCache(model, self._default_keep() if keep is None else keep)
         self.messages: list[dict] = []
+        # The conversation's images (`PreparedImage`s) in the order the template writes them.
+        self.images: list = []
         self.last: GenerationResponse | None = None
         self.last_turn: TurnStats | None = None
 
@@ -153,6 +155,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the system prompt and thinking mode stay)."""
         self.messages = []
+        self.images = []
         self.last = self.last_turn = None
         self.prompt_cache.clear()
 
@@ -172,9 +175,13 @@ class ChatSession:
             ) from None
         return [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
 
-    def reply(self, text: str) -> Iterator[GenerationResponse]:
+    def reply(self, text: str, images: Sequence | None = None) -> Iterator[GenerationResponse]:
         """Add a user message and stream the answer as `GenerationResponse`s whose `text`
         is the committed delta (cut at stop strings).
+
+        `images` (paths, PIL images or uint8 arrays) go before the text as image content
+        parts, which the chat template writes as placeholders. They are loaded here, so a bad
+        one fails before the turn starts; later turns reuse the cache over them.
 
         Closing the iterator early (Ctrl-C) keeps the turn with the text committed so
         far, and leaves the cache holding exactly what `cached_ids` says.
@@ -182,13 +189,26 @@ class ChatSession:
         text = repair_text(text)
         if not text.strip():
             raise UserError("the message is empty; type some text")
-        return self._turn({"role": "user", "content": text})
+        if not images:
+            return self._turn({"role": "user", "content": text})
+        from .images import prepare_for
 
-    def _turn(self, user: dict) -> Iterator[GenerationResponse]:
+        prepared = prepare_for(self.model, images)
+        content = [{"type": "image"} for _ in prepared] + [{"type": "text", "text": text}]
+        return self._turn({"role": "user", "content": content}, prepared)
+
+    def _turn(self, user: dict, new_images: Sequence = ()) -> Iterator[GenerationResponse]:
         ids = self.prompt_ids(self.messages + [user])
-        start = self.prompt_cache.reuse(ids)
+        images, keys = self.images + list(new_images), None
+        if images:
+            from .images import expand_for, prefix_keys
+
+            ids = expand_for(self.model, ids, images)
+            # The cache is matched on the images' contents, not on their (equal) token ids.
+            keys = prefix_keys(ids, images, self.model.args.image_token_id)
+        start = self.prompt_cache.reuse(ids if keys is None else keys)
         self.last_turn = TurnStats(len(ids), start)
-        turn = _Turn(ids, start, StopStrings(self.stop))
+        turn = _Turn(ids, start, StopStrings(self.stop), keys, images)
         try:
             yield from self._stream(turn)
         except GeneratorExit:
@@ -206,7 +226,8 @@ class ChatSession:
 
     def _stream(self, turn: "_Turn") -> Iterator[GenerationResponse]:
         stream = stream_generate(self.model, self.tokenizer, turn.ids[turn.start :],
-                                 cache=self.prompt_cache.cache, settings=self.settings)
+                                 cache=self.prompt_cache.cache, settings=self.settings,
+                                 images=turn.uncached_images(self.model.args.image_token_id) or None)
         with closing(stream):
             for r in stream:
                 r = turn.observe(r)
@@ -219,6 +240,7 @@ class ChatSession:
         """Record the turn and make `cached_ids` describe the cache exactly."""
         if turn.events and (turn.answer or turn.finished):
             self.messages += [user, {"role": "assistant", "content": turn.answer}]
+            self.images = turn.images
         if intact:
             self.prompt_cache.record(turn.cached_ids())
         else:
@@ -228,8 +250,12 @@ class ChatSession:
 class _Turn:
     """What one reply has produced so far, and so what the cache holds."""
 
-    def __init__(self, ids: list[int], start: int, stops: StopStrings):
+    def __init__(self, ids: list[int], start: int, stops: StopStrings, keys: list | None = None,
+                 images: Sequence = ()):
         self.ids, self.start, self.stops = ids, start, stops
+        # What the prompt cache compares: the ids, image tokens named after their image.
+        self.keys = ids if keys is None else keys
+        self.images = list(images)
         self.canvases: list[list[int]] = []
         self.events = 0
         self.current_canvas = 0
@@ -248,10 +274,19 @@ class _Turn:
         self.finished = finish is not None
         return replace(r, text=delta, draft=self.stops.cut(r.draft), finish_reason=finish)
 
-    def cached_ids(self) -> list[int]:
+    def uncached_images(self, image_token_id: int) -> list:
+        """The images whose tokens lie after the reused prefix (they must be encoded)."""
+        if not self.images:
+            return []
+        from .images import image_runs
+
+        runs = image_runs(self.ids, image_token_id)
+        return [image for (start, _), image in zip(runs, self.images) if start >= self.start]
+
+    def cached_ids(self) -> list:
         # generate_step encodes the prompt before its first event and a committed canvas
         # only when it resumes for the next canvas: during canvas c the cache holds the
         # prompt and canvases 0..c-1.
         if not self.events:
-            return self.ids[: self.start]
-        return self.ids + [t for canvas in self.canvases[: self.current_canvas] for t in canvas]
+            return self.keys[: self.start]
+        return self.keys + [t for canvas in self.canvases[: self.current_canvas] for t in canvas]

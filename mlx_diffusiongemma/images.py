@@ -124,7 +124,10 @@ def _open(stream, name: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(stream)
+        with warnings.catch_warnings():
+            # Sizes between PIL's warning and error limits are refused below, not warned about.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
     except UnidentifiedImageError:
         raise UserError(f"{name} is not an image PIL can read (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)") from None
     except Image.DecompressionBombError:
@@ -236,19 +239,41 @@ def expand_for(model, ids: Sequence[int], images: Sequence[PreparedImage]) -> li
 
 def expand_image_tokens(ids: Sequence[int], images: Sequence[PreparedImage], image_token_id: int,
                         boi_token_id: int, eoi_token_id: int) -> list[int]:
-    """Each image placeholder of `ids` widened to boi, `soft_tokens` image tokens, eoi."""
-    count = sum(t == image_token_id for t in ids)
-    if count != len(images):
+    """Each image placeholder of `ids` widened to boi, `soft_tokens` image tokens, eoi.
+
+    A run of image tokens right after a boi is an image already expanded (a prompt cut
+    from an expanded one, as a chat sends after its cached prefix): it is kept, and takes
+    its image from `images` like a placeholder does.
+    """
+    ids = list(ids)
+    out, images, i, found = [], list(images), 0, 0
+    while i < len(ids):
+        if ids[i] != image_token_id:
+            out.append(ids[i])
+            i += 1
+            continue
+        image = images[found] if found < len(images) else None
+        found += 1
+        if i > 0 and ids[i - 1] == boi_token_id:
+            end = i
+            while end < len(ids) and ids[end] == image_token_id:
+                end += 1
+            if image is not None and end - i != image.soft_tokens:
+                raise UserError(
+                    f"the prompt holds an expanded image of {end - i} tokens for an image of "
+                    f"{image.soft_tokens} soft tokens; give the images in the prompt's order"
+                )
+            out += ids[i:end]
+            i = end
+        else:
+            if image is not None:
+                out += [boi_token_id] + [image_token_id] * image.soft_tokens + [eoi_token_id]
+            i += 1
+    if found != len(images):
         raise UserError(
-            f"the prompt has {count} image placeholder{'s' * (count != 1)} for {len(images)} "
+            f"the prompt has {found} image placeholder{'s' * (found != 1)} for {len(images)} "
             f"image{'s' * (len(images) != 1)}; give one image per placeholder"
         )
-    out, images = [], iter(images)
-    for t in ids:
-        if t == image_token_id:
-            out += [boi_token_id] + [image_token_id] * next(images).soft_tokens + [eoi_token_id]
-        else:
-            out.append(t)
     return out
 
 

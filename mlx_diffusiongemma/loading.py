@@ -148,15 +148,20 @@ def _read_weights(model: Model, infos: dict) -> dict[str, mx.array]:
     return weights
 
 
-def load(path, text_only: bool = True, lazy: bool = False):
+def load(path, text_only: bool = True, lazy: bool = False, adapter_path=None):
     """Load `(model, tokenizer)`; the tokenizer is mlx-lm's `TokenizerWrapper` with the
-    model's generation EOS ids."""
+    model's generation EOS ids. `adapter_path` applies a LoRA adapter directory (as
+    written by `mlx-diffusiongemma lora`) on top of the weights."""
     model_dir = resolve_model_path(path, MODEL_PATTERNS)
     missing = [f for f in TOKENIZER_FILES if not (model_dir / f).is_file()]
     if missing:
         raise UserError(f"{model_dir} has no {missing[0]}; copy the tokenizer files into the model directory")
     check_tokenizer_files(model_dir)  # before the (slow) weights: a bad file fails at once
     model = load_model(model_dir, text_only=text_only, lazy=lazy)
+    if adapter_path is not None:
+        from .tuner.lora import load_adapters
+
+        load_adapters(model, adapter_path)
     tokenizer = load_tokenizer(model_dir, list(model.args.eos_token_ids))
     check_vocab(tokenizer, model)
     return model, tokenizer

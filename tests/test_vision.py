@@ -270,3 +270,197 @@ def test_generate_step_commits_the_reference_tokens_with_an_image(pair, monkeypa
             ours += event.committed
     assert len(theirs) == 3 * CANVAS
     assert ours == theirs
+
+
+# ---------------------------------------------------------------- chat and the text API
+
+def image_tokenizer(path) -> dict:
+    """A Gemma-4-style tokenizer whose template writes image content parts as `<|image|>`;
+    returns the ids of boi, image and eoi."""
+    from mlx_diffusiongemma.demos.sudoku.tokenizer import build_tokenizer
+    from tokenizers import Tokenizer
+
+    build_tokenizer(path, extra_tokens=["<|image>", "<|image|>", "<image|>"], vocab_size=512)
+    template = (path / "chat_template.jinja").read_text()
+    text_only = """{%- if part['type'] != 'text' -%}
+                {{- raise_exception('Only text content is supported, got: ' ~ part['type']) -}}
+            {%- endif -%}
+            {{- part['text'] | trim -}}"""
+    assert text_only in template
+    with_images = "{%- if part['type'] == 'image' -%}{{- '<|image|>' -}}{%- else -%}{{- part['text'] | trim -}}{%- endif -%}"
+    (path / "chat_template.jinja").write_text(template.replace(text_only, with_images))
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return {name: tok.token_to_id(t) for name, t in
+            (("boi", "<|image>"), ("image", "<|image|>"), ("eoi", "<image|>"))}
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from mlx_diffusiongemma import load
+
+    path = tmp_path_factory.mktemp("vision-chat")
+    ids = image_tokenizer(path)
+    cfg = tiny_config(CANVAS, vocab_size=512, sliding_window=16)
+    vision = dict(cfg["vision_config"], patch_size=PATCH, pooling_kernel_size=3, position_embedding_size=256)
+    config = DiffusionGemmaConfig(text_config=cfg["text_config"], vision_config=vision, canvas_length=CANVAS,
+                                  image_token_id=ids["image"], boi_token_id=ids["boi"], eoi_token_id=ids["eoi"],
+                                  vision_soft_tokens_per_image=BUDGET)
+    torch.manual_seed(0)
+    ref = DiffusionGemmaForBlockDiffusion(config).eval()
+    randomize(ref, 0, 0.6)
+    ref.save_pretrained(path)
+    image_tokenizer(path)  # save_pretrained leaves the tokenizer files alone; rewrite to be sure
+    model, tokenizer = load(path, text_only=False)
+    return path, model, tokenizer, ids
+
+
+FAST = dict(max_tokens=2 * CANVAS, max_denoising_steps=3, seed=0)
+
+
+def small_images(n: int) -> list:
+    return [prepare_image(picture(24 + 12 * i, 36, seed=i), BUDGET, patch_size=PATCH) for i in range(n)]
+
+
+def count_tower_calls(model, monkeypatch) -> list:
+    tower = model.model.encoder.vision_tower
+    calls, original = [], type(tower).__call__
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(type(tower), "__call__", counted)
+    model._image_features.clear()
+    return calls
+
+
+def test_chat_reuses_the_cache_over_an_image_and_runs_the_tower_once(chat_model, monkeypatch):
+    from mlx_diffusiongemma.chat import ChatSession
+
+    _, model, tokenizer, ids = chat_model
+    calls = count_tower_calls(model, monkeypatch)
+    session = ChatSession(model, tokenizer, **FAST)
+    list(session.reply("What is in this picture?", images=small_images(1)))
+    first = session.last_turn
+    list(session.reply("And the colours?"))
+    second = session.last_turn
+    cached = session.prompt_cache.ids
+    image_end = max(i for i, k in enumerate(cached) if isinstance(k, tuple)) + 1
+    assert first.reused_tokens == 0 and second.reused_tokens > image_end
+    assert len(calls) == 1
+    # The reused cache gives the logits of a fresh encoding of the same prompt and image.
+    plain = [ids["image"] if isinstance(k, tuple) else k for k in cached]
+    fresh = model.make_cache()
+    model.encode(mx.array([plain]), fresh, model.embed_images(session.images))
+    canvas = mx.array([list(range(10, 10 + CANVAS))])
+    a, b = np.array(model.denoise(canvas, session.prompt_cache.cache)), np.array(model.denoise(canvas, fresh))
+    assert relative_error(a, b) < 1e-5
+
+
+def test_chat_does_not_reuse_a_different_image_at_the_same_place(chat_model):
+    from mlx_diffusiongemma.chat import ChatSession
+
+    _, model, tokenizer, ids = chat_model
+    first, other = small_images(2)
+    session = ChatSession(model, tokenizer, **FAST)
+    list(session.reply("Describe it.", images=[first]))
+    session.messages, session.images = [], []  # same words, another image
+    list(session.reply("Describe it.", images=[other]))
+    boi = session.prompt_cache.ids.index(ids["boi"])
+    assert session.last_turn.reused_tokens <= boi + 1
+
+
+def test_stream_generate_with_an_image_commits_what_generate_step_does(chat_model):
+    from mlx_diffusiongemma import stream_generate
+    from mlx_diffusiongemma.images import expand_for
+
+    _, model, tokenizer, ids = chat_model
+    images = small_images(2)
+    prompt = "<bos>Compare <|image|> with <|image|> please"
+    settings = dict(FAST, t_max=2e-3, t_min=1e-3, entropy_bound=1e9)
+    committed = [t for r in stream_generate(model, tokenizer, prompt, images=images, **settings)
+                 if r.committed for t in r.committed]
+    expanded = expand_for(model, tokenizer.encode(prompt, add_special_tokens=False), images)
+    assert expanded.count(ids["image"]) == sum(i.soft_tokens for i in images)
+    direct = [t for e in generate_step(model, expanded, images=images, **settings) if e.committed for t in e.committed]
+    assert committed == direct
+
+
+# ---------------------------------------------------------------- bad inputs: one line each
+
+def one_line_error(fn, *words):
+    with pytest.raises(UserError) as e:
+        fn()
+    message = str(e.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    return message
+
+
+def png_bytes(h=64, w=64) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    picture(h, w, seed=2).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A 1 x 1 PNG whose header declares `width` x `height` (a decompression bomb)."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(1, 1))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17]))
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_bad_image_files_are_one_line_errors(tmp_path):
+    cases = {
+        "notes.png": (b"this is plain text, not a picture\n" * 10, ["not an image"]),
+        "empty.png": (b"", ["empty", "0 bytes"]),
+        "cut.png": (png_bytes(256, 256)[: 20000], ["truncated or corrupt"]),
+        "bomb.png": (declared_png(100_000, 100_000), ["pixel limit", "refusing"]),
+        "large.png": (declared_png(12_000, 9_000), ["12000 x 9000", "refusing"]),
+    }
+    for name, (data, words) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        one_line_error(lambda: prepare_image(tmp_path / name), name, *words)
+    one_line_error(lambda: prepare_image(tmp_path / "missing.jpg"), "no such image file")
+    one_line_error(lambda: prepare_image(tmp_path), "is a directory")
+    one_line_error(lambda: prepare_image("https://example.com/cat.png"), "remote images are not fetched")
+    one_line_error(lambda: prepare_image(np.zeros((4, 4), dtype=np.float32)), "uint8")
+    one_line_error(lambda: prepare_image(np.zeros((4, 4, 2), dtype=np.uint8)), "shape")
+    one_line_error(lambda: prepare_image(picture(8, 8), max_soft_tokens=100), "one of")
+
+
+def test_placeholders_and_images_must_agree(chat_model):
+    from mlx_diffusiongemma import stream_generate
+
+    _, model, tokenizer, ids = chat_model
+    one, two = small_images(1), small_images(2)
+    one_line_error(lambda: list(stream_generate(model, tokenizer, "<bos>Look: <|image|>", images=two, **FAST)),
+                   "1 image placeholder for 2 images")
+    one_line_error(lambda: list(stream_generate(model, tokenizer, "<bos><|image|><|image|>", images=one, **FAST)),
+                   "2 image placeholders for 1 image")
+    one_line_error(lambda: list(stream_generate(model, tokenizer, "<bos>No picture here", images=one, **FAST)),
+                   "0 image placeholders for 1 image")
+    # A prompt with image tokens but no images is refused by the encoder's check too.
+    expanded = expand_image_tokens([2, ids["image"], 7], one, ids["image"], ids["boi"], ids["eoi"])
+    one_line_error(lambda: model.encode(mx.array([expanded]), model.make_cache(), model.embed_images(two)),
+                   "2 were given")
+
+
+def test_an_image_for_a_text_only_model_is_one_line(chat_model):
+    from mlx_diffusiongemma import load, stream_generate
+    from mlx_diffusiongemma.chat import ChatSession
+
+    path = chat_model[0]
+    model, tokenizer = load(path)  # text-only by default
+    one_line_error(lambda: list(stream_generate(model, tokenizer, "<bos><|image|>", images=small_images(1))),
+                   "text-only", "text_only=False")
+    session = ChatSession(model, tokenizer, **FAST)
+    one_line_error(lambda: session.reply("Hi", images=small_images(1)), "text-only")
+    assert session.messages == [] and session.images == []

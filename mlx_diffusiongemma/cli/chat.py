@@ -12,8 +12,8 @@ from ..generate import format_stats
 from .app import app, error, info
 from .generate import view_for
 from .options import (
-    EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption, SystemOption, ThinkOption,
-    TMaxOption, TMinOption, session_for, settings_from,
+    AdapterPathOption, EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption,
+    SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from,
 )
 
 CHAT_HELP = "/think on|off · /system TEXT · /reset · /stats · /quit   (Ctrl-C stops a reply, Ctrl-D exits)"
@@ -143,6 +143,7 @@ _CHAT_COMMANDS = {"/think": _think, "/system": _system, "/reset": _reset, "/stat
 @app.command()
 def chat(
     model: ModelOption = None,
+    adapter_path: AdapterPathOption = None,
     max_tokens: MaxTokensOption = None,
     steps: StepsOption = None,
     t_min: TMinOption = None,
@@ -160,7 +161,7 @@ def chat(
     Each turn encodes only what the encoder cache does not hold yet.
     """
     settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed)
-    session = session_for(model, settings, system, think, stop)
+    session = session_for(model, settings, system, think, stop, adapter_path=adapter_path)
     interactive = _prepare_stdin()
     info(CHAT_HELP)
     while (line := _read_line(interactive)) is not None:

@@ -16,8 +16,8 @@ from ..generate import GenerationResponse, format_stats
 from ..ui.live import LiveView, PlainView
 from .app import EXIT_INTERRUPTED, app
 from .options import (
-    EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption, SystemOption, ThinkOption,
-    TMaxOption, TMinOption, session_for, settings_from,
+    AdapterPathOption, EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption,
+    SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from,
 )
 
 
@@ -81,6 +81,7 @@ def generate(
     prompt_file: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="Read the prompt from this file.", show_default="none")] = None,
     model: ModelOption = None,
+    adapter_path: AdapterPathOption = None,
     max_tokens: MaxTokensOption = None,
     steps: StepsOption = None,
     t_min: TMinOption = None,
@@ -102,7 +103,7 @@ def generate(
     # Options are checked before the (slow) model load so a typo fails at once.
     text = _read_prompt(prompt, prompt_file)
     settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed)
-    session = session_for(model, settings, system, think, stop, keep=0)
+    session = session_for(model, settings, system, think, stop, keep=0, adapter_path=adapter_path)
     collected: list[str] = []
     last = None
     try:

@@ -40,6 +40,8 @@ _FROM_CONFIG = "model's or {}"
 
 ModelOption = Annotated[str | None, typer.Option(
     "--model", "-m", help="Model directory or Hugging Face repo id.", show_default=DEFAULT_MODEL)]
+AdapterPathOption = Annotated[str | None, typer.Option(
+    help="LoRA adapter directory (from `mlx-diffusiongemma lora`) to apply to the model.", show_default="none")]
 MaxTokensOption = Annotated[int | None, typer.Option(
     min=1, help="Most tokens to generate; whole canvases are written.",
     show_default=_FROM_CONFIG.format(REFERENCE_DEFAULTS["max_tokens"]))]
@@ -72,22 +74,23 @@ def settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) -> dict:
                 entropy_bound=entropy_bound, seed=seed)
 
 
-def load_model_option(model: str | None):
-    """`(model, tokenizer)` of --model, the mlx-community 4-bit conversion by default."""
+def load_model_option(model: str | None, adapter_path: str | None = None):
+    """`(model, tokenizer)` of --model (with --adapter-path applied), the mlx-community
+    4-bit conversion by default."""
     # Imported here so `--help` does not pay for importing mlx-lm and transformers.
     from ..loading import load
 
     if model is not None:
-        return load(model)
+        return load(model, adapter_path=adapter_path)
     try:
-        return load(DEFAULT_MODEL)
+        return load(DEFAULT_MODEL, adapter_path=adapter_path)
     except UserError as e:
         raise UserError(f"{e} (no --model given: the default is {DEFAULT_MODEL}; "
                         "`mlx-diffusiongemma sudoku` runs the offline demo)") from None
 
 
-def session_for(model, settings: dict, system, think, stop, keep=None):
-    """A `ChatSession` on --model with the given settings."""
-    model, tokenizer = load_model_option(model)
+def session_for(model, settings: dict, system, think, stop, keep=None, adapter_path=None):
+    """A `ChatSession` on --model (and --adapter-path) with the given settings."""
+    model, tokenizer = load_model_option(model, adapter_path)
     return ChatSession(model, tokenizer, system=system, thinking=think, stop=stop or (),
                        keep=keep, **settings)
