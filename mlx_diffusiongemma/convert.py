@@ -21,7 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
-from .loading import MODEL_PATTERNS, TOKENIZER_FILES, expected_shapes, load_config
+from .loading import (
+    MODEL_PATTERNS, TOKENIZER_FILES, check_tokenizer_files, check_vocab, expected_shapes, load_config, load_tokenizer,
+)
 from .models import Model
 from .ui.progress import ProgressBar
 from .models.config import explain_shape
@@ -115,6 +117,19 @@ def read_source(hf_path, text_only: bool = False) -> Source:
     return Source(path, config, model, infos)
 
 
+def check_copied_tokenizer(source: Source) -> None:
+    """Load the tokenizer files the output will get, as `load` will, so a corrupt one is
+    refused before anything is written instead of copied."""
+    from .chat import check_chat_template
+
+    check_tokenizer_files(source.path)
+    if any(not (source.path / name).is_file() for name in TOKENIZER_FILES):
+        return  # a warning says so (see _files_to_copy)
+    tokenizer = load_tokenizer(source.path, list(source.model.args.eos_token_ids))
+    check_vocab(tokenizer, source.model)
+    check_chat_template(tokenizer, required=False)
+
+
 def _refuse_quantized(path: Path, config: dict) -> None:
     if config.get("quantization"):
         raise UserError(
@@ -169,18 +184,45 @@ def plan_conversion(
     own settings (mixed recipe), `False` no quantization. A layer whose input dimension is
     not a multiple of its group size is an error, never silently left unquantized.
     """
+    plans, misfit = _plans(model, infos, quantize, q_bits, q_group_size, recipe, dtype)
+    if misfit is not None:
+        path, width, group = misfit
+        raise UserError(
+            f"cannot quantize {path}: its input dimension {width} is not a multiple of the group size "
+            f"{group}; {_group_size_hint(model, infos, q_bits, q_group_size, recipe)}"
+        )
+    return plans
+
+
+def _plans(model, infos, quantize, q_bits, q_group_size, recipe, dtype="bfloat16"):
+    """The plans, and the first layer (path, input dimension, group) its group size does not fit."""
     predicate = model.quant_predicate
     modules = dict(model.named_modules())
     default = recipe_default(q_bits, q_group_size, recipe)
-    plans = []
+    plans, misfit = [], None
     for name, info in sorted(infos.items(), key=lambda item: (str(item[1].file), item[1].start)):
         quant = None
         path = name.removesuffix(".weight")
         if quantize and name.endswith(".weight") and path in modules:
             quant = _layer_quant(predicate(path, modules[path]), default, recipe)
-            _check_group_size(path, info.shape, quant)
+            if quant is not None and info.shape[-1] % quant["group_size"] and misfit is None:
+                misfit = (path, info.shape[-1], quant["group_size"])
         plans.append(TensorPlan(name, info, DTYPES[dtype], quant))
-    return plans
+    return plans, misfit
+
+
+def _group_size_hint(model, infos, q_bits: int, q_group_size: int, recipe: str) -> str:
+    """Settings that would quantize every layer, found by planning them: under the mixed
+    recipe the non-expert layers keep group 64 whatever q_group_size says."""
+    fits = lambda g, r: _plans(model, infos, True, q_bits, g, r)[1] is None  # noqa: E731
+    same = [str(g) for g in GROUP_SIZES if g != q_group_size and fits(g, recipe)]
+    options = [f"q_group_size {' or '.join(same)}"] if same else []
+    if recipe != "8bit":
+        eight = [str(g) for g in GROUP_SIZES if fits(g, "8bit")]
+        options += [f"recipe 8bit with q_group_size {' or '.join(eight)}"] if eight else []
+    if not options:
+        return "no group size fits every layer: convert without quantization"
+    return f"use {' or '.join(options)}, or convert without quantization"
 
 
 def recipe_default(q_bits: int, q_group_size: int, recipe: str) -> dict:
@@ -194,17 +236,6 @@ def _layer_quant(choice, default: dict, recipe: str) -> dict | None:
     if recipe == "8bit" or choice is True:
         return dict(default)
     return {"group_size": choice["group_size"], "bits": choice["bits"]}
-
-
-def _check_group_size(path: str, shape: tuple[int, ...], quant: dict | None) -> None:
-    if quant is None or shape[-1] % quant["group_size"] == 0:
-        return
-    fits = [g for g in GROUP_SIZES if shape[-1] % g == 0]
-    hint = f"use q_group_size {' or '.join(map(str, fits))}" if fits else "convert without quantization (dtype=...)"
-    raise UserError(
-        f"cannot quantize {path}: its input dimension {shape[-1]} is not a multiple of the group size "
-        f"{quant['group_size']}; {hint}"
-    )
 
 
 def quantization_block(plans: list[TensorPlan], default: dict) -> dict | None:
@@ -269,6 +300,7 @@ def convert(
     """
     check_settings(q_bits, q_group_size, recipe, dtype)
     source = read_source(hf_path, text_only)
+    check_copied_tokenizer(source)
     _check_output(Path(mlx_path), source.path)
     dtype = dtype or default_dtype(source.config)
     plans = plan_conversion(

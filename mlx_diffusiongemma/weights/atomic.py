@@ -56,12 +56,14 @@ def atomic_output_dir(
     out_dir = Path(out_dir).expanduser().resolve()
     _refuse_existing(out_dir, overwrite)
     _make_parent(out_dir)
-    if needed_bytes:
-        check_free_space(out_dir.parent, needed_bytes)
     _remove_abandoned_partials(out_dir)
+    # The partial directory first: a place that cannot be written (read-only, no
+    # permission, a pseudo filesystem showing 0 bytes free) is named as such, not as full.
     tmp, lock = _make_partial(out_dir)
     try:
         try:
+            if needed_bytes:
+                check_free_space(out_dir.parent, needed_bytes)
             yield tmp
         finally:
             _unlock(tmp, lock)
@@ -92,10 +94,15 @@ def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
 
 
 def _make_parent(out_dir: Path) -> None:
+    existing = next(p for p in out_dir.parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot create {out_dir}: {existing} is a file, not a directory; choose another output directory")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {out_dir.parent}: {e.strerror}; choose another output directory") from None
+        raise UserError(
+            f"cannot create {out_dir.parent} ({e.strerror}); choose an output directory you can write to"
+        ) from None
 
 
 def _make_partial(out_dir: Path) -> tuple[Path, int]:
@@ -109,7 +116,7 @@ def _make_partial(out_dir: Path) -> tuple[Path, int]:
             continue
         except OSError as e:
             raise UserError(
-                f"cannot write in {out_dir.parent}: {e.strerror}; choose another output directory"
+                f"cannot write in {out_dir.parent} ({e.strerror}); choose an output directory you can write to"
             ) from None
     # Locked before it gets its visible name, so no other run ever sees an unlocked live
     # directory; where the filesystem has no flock nobody can take the lock, which is safe.
