@@ -1,9 +1,10 @@
 """The `mlx-diffusiongemma` command line, a thin shell over the Python API: one module per
-command (`generate`, `chat`, `convert`, `infill`, `check`, `sudoku`), options named after `GenerationSettings`
-and `convert` (`options`), and one-line errors for every mistake a user can fix (`app`).
+command (`generate`, `chat`, `convert`, `infill`, `check`, `lora`, `fuse`, `serve`, `sudoku`), options
+named after `GenerationSettings` and `convert` (`options`), and one-line errors for every
+mistake a user can fix (`app`).
 """
 
-from . import chat, check, convert, generate, infill, serve, sudoku  # noqa: F401  (each registers its command)
+from . import chat, check, convert, fuse, generate, infill, lora, serve, sudoku  # noqa: F401  (each registers its command)
 from .app import app
 
 
