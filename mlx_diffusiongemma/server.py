@@ -391,16 +391,25 @@ class ServerConfig:
     cache_bytes: int = 2 << 30
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets a 413 before it is parsed."""
+class Guard:
+    """ASGI middleware in front of the app: the API key (every path but /health and the
+    chat page's files) and the body limit (413 before the body is parsed). Plain ASGI, so
+    the app still sees the client's disconnect."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, api_key: str | None = None):
+        self.app, self.limit, self.api_key = app, limit, api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and not self._open(scope["path"]):
+            given = headers.get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                error = APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                 code="invalid_api_key")
+                return await _send_error(send, error)
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send)
         seen = 0
@@ -418,10 +427,18 @@ class BodyLimit:
         except _TooLarge:
             await self._refuse(send)
 
+    @staticmethod
+    def _open(path: str) -> bool:
+        return path in _OPEN_PATHS or path.startswith("/static/")
+
     async def _refuse(self, send):
-        response = APIError(413, f"the request body is over the limit of {self.limit} bytes").response()
-        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
+        await _send_error(send, APIError(413, f"the request body is over the limit of {self.limit} bytes"))
+
+
+async def _send_error(send, error: APIError) -> None:
+    response = error.response()
+    await send({"type": "http.response.start", "status": error.status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
 
 
 class _TooLarge(Exception):
@@ -447,7 +464,6 @@ class Server:
         app.add_exception_handler(RequestValidationError, _validation_error)
         app.add_exception_handler(StarletteHTTPException, _http_error)
         app.add_exception_handler(Exception, _internal_error)
-        app.middleware("http")(self._auth)
         app.get("/health")(self.health)
         app.get("/v1/models")(self.models)
         app.post("/v1/chat/completions")(self.chat_completions)
@@ -455,15 +471,6 @@ class Server:
         app.get("/")(self.page)
         app.get("/static/{name}")(self.static)
         return app
-
-    async def _auth(self, request: Request, call_next):
-        key = self.config.api_key
-        if key and request.url.path not in _OPEN_PATHS and not request.url.path.startswith("/static/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                code="invalid_api_key").response()
-        return await call_next(request)
 
     async def health(self):
         """Liveness and counters; never needs the API key."""
@@ -642,10 +649,10 @@ def _sse(data: dict, event: str | None = None) -> str:
 
 
 def _setting_param(message: str) -> str | None:
-    for name in ("max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "seed"):
-        if name in message:
-            return name
-    return None
+    """The request field a settings error names first."""
+    names = ("max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "seed")
+    found = [(message.find(n), n) for n in names if n in message]
+    return min(found)[1] if found else None
 
 
 # ---------------------------------------------------------------------------- responses
@@ -791,8 +798,8 @@ def build_server(config: ServerConfig) -> Server:
 
 
 def asgi_app(server: Server):
-    """The ASGI application with the request-size limit in front."""
-    return BodyLimit(server.app, server.config.max_body_bytes)
+    """The ASGI application with the API key and the request-size limit in front."""
+    return Guard(server.app, server.config.max_body_bytes, server.config.api_key)
 
 
 def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
