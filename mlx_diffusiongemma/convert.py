@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import UserError
+from .generate import GenerationSettings
 from .loading import (
     MODEL_PATTERNS, TOKENIZER_FILES, check_tokenizer_files, check_vocab, expected_shapes, load_config, load_tokenizer,
 )
@@ -301,6 +302,8 @@ def convert(
     check_settings(q_bits, q_group_size, recipe, dtype)
     source = read_source(hf_path, text_only)
     check_copied_tokenizer(source)
+    # The output gets generation_config.json as is: a bad value is refused here, not copied.
+    GenerationSettings.resolve(source.model)
     _check_output(Path(mlx_path), source.path)
     dtype = dtype or default_dtype(source.config)
     plans = plan_conversion(
