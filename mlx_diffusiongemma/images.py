@@ -205,13 +205,15 @@ def prepare_image(source, max_soft_tokens: int = DEFAULT_SOFT_TOKENS, patch_size
     return PreparedImage(patches, positions, (rows, cols), rows * cols // pool**2, digest)
 
 
-def prepare_images(sources: Sequence, max_soft_tokens: int = DEFAULT_SOFT_TOKENS) -> list[PreparedImage]:
+def prepare_images(sources: Sequence, max_soft_tokens: int = DEFAULT_SOFT_TOKENS, patch_size: int = PATCH_SIZE,
+                   pool: int = POOLING_KERNEL) -> list[PreparedImage]:
     """`prepare_image` for each source (prepared images pass through)."""
     if sources is None:
         return []
     if isinstance(sources, (str, Path, np.ndarray)) or not isinstance(sources, Sequence):
         sources = [sources]
-    return [s if isinstance(s, PreparedImage) else prepare_image(s, max_soft_tokens) for s in sources]
+    return [s if isinstance(s, PreparedImage) else prepare_image(s, max_soft_tokens, patch_size, pool)
+            for s in sources]
 
 
 def check_takes_images(model) -> None:
@@ -225,10 +227,12 @@ def check_takes_images(model) -> None:
 
 
 def prepare_for(model, sources) -> list[PreparedImage]:
-    """`prepare_images` at the model's budget (config.json's vision_soft_tokens_per_image),
-    after checking that the model takes images."""
+    """`prepare_images` at the model's budget (config.json's vision_soft_tokens_per_image)
+    and patch size, after checking that the model takes images."""
     check_takes_images(model)
-    return prepare_images(sources, model.args.vision_soft_tokens_per_image)
+    vision = model.args.vision_config
+    return prepare_images(sources, model.args.vision_soft_tokens_per_image, vision.get("patch_size", PATCH_SIZE),
+                          vision.get("pooling_kernel_size", POOLING_KERNEL))
 
 
 def expand_for(model, ids: Sequence[int], images: Sequence[PreparedImage]) -> list[int]:

@@ -464,3 +464,42 @@ def test_an_image_for_a_text_only_model_is_one_line(chat_model):
     session = ChatSession(model, tokenizer, **FAST)
     one_line_error(lambda: session.reply("Hi", images=small_images(1)), "text-only")
     assert session.messages == [] and session.images == []
+
+
+# ---------------------------------------------------------------- the command line
+
+def cli(args, input=None):
+    from typer.testing import CliRunner
+
+    from mlx_diffusiongemma import cli as cli_module
+
+    return CliRunner().invoke(cli_module.app, args, input=input)
+
+
+CLI_FAST = ["--max-tokens", str(CANVAS), "--steps", "2", "--seed", "0"]
+
+
+def test_cli_generate_with_images(chat_model, tmp_path):
+    path = str(chat_model[0])
+    for i in range(2):
+        picture(30, 40 + 10 * i, seed=i).save(tmp_path / f"p{i}.png")
+    result = cli(["generate", "What differs?", "-m", path, "--image", str(tmp_path / "p0.png"),
+                  "--image", str(tmp_path / "p1.png"), "--json", *CLI_FAST])
+    assert result.exit_code == 0, result.output
+    report = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    soft = sum(prepare_image(tmp_path / f"p{i}.png", BUDGET, patch_size=PATCH).soft_tokens for i in range(2))
+    assert report["prompt_tokens"] > soft
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    bad = cli(["generate", "Hi", "-m", path, "--image", str(tmp_path / "bad.png"), *CLI_FAST])
+    assert bad.exit_code != 0 and "not an image" in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_cli_chat_image_command(chat_model, tmp_path):
+    path = str(chat_model[0])
+    picture(30, 40).save(tmp_path / "p.png")
+    lines = f"/image {tmp_path / 'p.png'}\nWhat is this?\n/image {tmp_path / 'none.png'}\n/stats\n"
+    result = cli(["chat", "-m", path, *CLI_FAST], input=lines)
+    assert result.exit_code == 0, result.output
+    assert "image 1 attached" in result.output and "no such image file" in result.output
+    text_only = cli(["chat", "-m", path, "--text-only", *CLI_FAST], input=f"/image {tmp_path / 'p.png'}\n")
+    assert "text-only" in text_only.output

@@ -5,6 +5,9 @@ import sys
 import threading
 from contextlib import closing, contextmanager
 from types import SimpleNamespace
+from typing import Annotated
+
+import typer
 
 from ..chat import ChatSession, repair_text
 from ..errors import UserError
@@ -16,7 +19,8 @@ from .options import (
     SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from,
 )
 
-CHAT_HELP = "/think on|off · /system TEXT · /reset · /stats · /quit   (Ctrl-C stops a reply, Ctrl-D exits)"
+CHAT_HELP = ("/image PATH · /think on|off · /system TEXT · /reset · /stats · /quit   "
+             "(Ctrl-C stops a reply, Ctrl-D exits)")
 
 
 @contextmanager
@@ -44,7 +48,9 @@ def _deferred_interrupt():
 def _chat_reply(session: ChatSession, line: str) -> None:
     stopped = False
     try:
-        with _deferred_interrupt() as interrupt, view_for(session) as view, closing(session.reply(line)) as replies:
+        images, session.pending_images = _pending(session), []
+        with (_deferred_interrupt() as interrupt, view_for(session) as view,
+              closing(session.reply(line, images=images or None)) as replies):
             for r in replies:
                 view.update(r)
                 if interrupt.requested:
@@ -120,6 +126,7 @@ def _system(session: ChatSession, arg: str) -> None:
 
 def _reset(session: ChatSession, arg: str) -> None:
     session.reset()
+    session.pending_images = []
     print("conversation cleared")
 
 
@@ -133,11 +140,31 @@ def _stats(session: ChatSession, arg: str) -> None:
           f"last prompt: {turn.prompt_tokens} tokens, {turn.reused_tokens} reused, {turn.encoded_tokens} encoded")
 
 
+def _pending(session: ChatSession) -> list:
+    # Images attached with /image wait here for the next message.
+    return getattr(session, "pending_images", [])
+
+
+def _image(session: ChatSession, arg: str) -> None:
+    if not arg:
+        error("/image takes the path of an image file")
+        return
+    from ..images import check_takes_images, load_image
+
+    try:
+        check_takes_images(session.model)
+        session.pending_images = _pending(session) + [load_image(arg)]
+    except UserError as e:
+        error(e)
+        return
+    print(f"image {len(session.pending_images)} attached to your next message")
+
+
 def _help(session: ChatSession, arg: str) -> None:
     print(CHAT_HELP)
 
 
-_CHAT_COMMANDS = {"/think": _think, "/system": _system, "/reset": _reset, "/stats": _stats, "/help": _help}
+_CHAT_COMMANDS = {"/image": _image, "/think": _think, "/system": _system, "/reset": _reset, "/stats": _stats, "/help": _help}
 
 
 @app.command()
@@ -153,15 +180,18 @@ def chat(
     system: SystemOption = None,
     think: ThinkOption = False,
     stop: StopOption = None,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="Leave the vision tower out (saves its memory; /image is then refused).")] = False,
 ):
     """Chat with the model (thinking off by default).
 
-    Commands: /think on|off, /system TEXT, /reset, /stats, /quit.
+    Commands: /image PATH (attach an image to the next message), /think on|off, /system TEXT,
+    /reset, /stats, /quit.
     Ctrl-C stops a reply and keeps the conversation; Ctrl-D leaves.
     Each turn encodes only what the encoder cache does not hold yet.
     """
     settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed)
-    session = session_for(model, settings, system, think, stop, adapter_path=adapter_path)
+    session = session_for(model, settings, system, think, stop, adapter_path=adapter_path, text_only=text_only)
     interactive = _prepare_stdin()
     info(CHAT_HELP)
     while (line := _read_line(interactive)) is not None:

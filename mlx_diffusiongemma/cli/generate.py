@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..generate import GenerationResponse, format_stats
 from ..ui.live import LiveView, PlainView
 from .app import EXIT_INTERRUPTED, app
+from .options import ImageOption
 from .options import (
     AdapterPathOption, EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption,
     SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from,
@@ -47,6 +48,15 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return text
 
 
+def _read_images(paths: list[str] | None) -> list:
+    """The --image files, decoded now so a bad one fails before the model loads."""
+    if not paths:
+        return []
+    from ..images import load_image
+
+    return [load_image(p) for p in paths]
+
+
 def _read_stdin() -> str:
     stream = getattr(sys.stdin, "buffer", None)
     if stream is not None:
@@ -54,10 +64,11 @@ def _read_stdin() -> str:
     return repair_text(sys.stdin.read())
 
 
-def _stream_reply(session: ChatSession, text: str, view, collected: list) -> GenerationResponse | None:
+def _stream_reply(session: ChatSession, text: str, view, collected: list,
+                  images: list | None = None) -> GenerationResponse | None:
     """Show one reply; `collected` gets each committed delta even if interrupted."""
     last = None
-    with view, closing(session.reply(text)) as replies:
+    with view, closing(session.reply(text, images=images)) as replies:
         for last in replies:
             collected.append(last.text)
             view.update(last)
@@ -91,6 +102,7 @@ def generate(
     system: SystemOption = None,
     think: ThinkOption = False,
     stop: StopOption = None,
+    image: ImageOption = None,
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object with the text and statistics instead.")] = False,
 ):
@@ -102,12 +114,14 @@ def generate(
     """
     # Options are checked before the (slow) model load so a typo fails at once.
     text = _read_prompt(prompt, prompt_file)
+    images = _read_images(image)
     settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed)
-    session = session_for(model, settings, system, think, stop, keep=0, adapter_path=adapter_path)
+    session = session_for(model, settings, system, think, stop, keep=0, adapter_path=adapter_path,
+                          text_only=not images)
     collected: list[str] = []
     last = None
     try:
-        last = _stream_reply(session, text, view_for(session, json_output), collected)
+        last = _stream_reply(session, text, view_for(session, json_output), collected, images)
     except KeyboardInterrupt:
         if json_output:
             print(_json_report("".join(collected), session.last, "interrupted"), flush=True)

@@ -64,6 +64,9 @@ ThinkOption = Annotated[bool, typer.Option(
     "--think/--no-think", help="Let the model think before answering.")]
 StopOption = Annotated[list[str] | None, typer.Option(
     "--stop", callback=_stops, help="End the reply where this text appears, cutting it (repeatable).", show_default="none")]
+ImageOption = Annotated[list[str] | None, typer.Option(
+    "--image", help="An image file to show the model with the prompt (repeatable); loads the vision tower.",
+    show_default="none")]
 
 
 def settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) -> dict:
@@ -74,23 +77,23 @@ def settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) -> dict:
                 entropy_bound=entropy_bound, seed=seed)
 
 
-def load_model_option(model: str | None, adapter_path: str | None = None):
+def load_model_option(model: str | None, adapter_path: str | None = None, text_only: bool = True):
     """`(model, tokenizer)` of --model (with --adapter-path applied), the mlx-community
     4-bit conversion by default."""
     # Imported here so `--help` does not pay for importing mlx-lm and transformers.
     from ..loading import load
 
     if model is not None:
-        return load(model, adapter_path=adapter_path)
+        return load(model, adapter_path=adapter_path, text_only=text_only)
     try:
-        return load(DEFAULT_MODEL, adapter_path=adapter_path)
+        return load(DEFAULT_MODEL, adapter_path=adapter_path, text_only=text_only)
     except UserError as e:
         raise UserError(f"{e} (no --model given: the default is {DEFAULT_MODEL}; "
                         "`mlx-diffusiongemma sudoku` runs the offline demo)") from None
 
 
-def session_for(model, settings: dict, system, think, stop, keep=None, adapter_path=None):
+def session_for(model, settings: dict, system, think, stop, keep=None, adapter_path=None, text_only=True):
     """A `ChatSession` on --model (and --adapter-path) with the given settings."""
-    model, tokenizer = load_model_option(model, adapter_path)
+    model, tokenizer = load_model_option(model, adapter_path, text_only)
     return ChatSession(model, tokenizer, system=system, thinking=think, stop=stop or (),
                        keep=keep, **settings)
