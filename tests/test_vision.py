@@ -110,7 +110,8 @@ def test_arrays_and_files_prepare_like_the_image(tmp_path):
     img = picture(37, 81, "RGBA", seed=4)
     img.save(tmp_path / "a.png")
     expected = prepare_image(img, BUDGET, patch_size=PATCH)
-    for source in (np.asarray(img), tmp_path / "a.png", str(tmp_path / "a.png")):
+    data_url = "data:image/png;base64," + __import__("base64").b64encode((tmp_path / "a.png").read_bytes()).decode()
+    for source in (np.asarray(img), tmp_path / "a.png", str(tmp_path / "a.png"), data_url):
         got = prepare_image(source, BUDGET, patch_size=PATCH)
         assert np.array_equal(got.pixels, expected.pixels) and got.digest == expected.digest
 
