@@ -73,7 +73,7 @@ class GenerationSettings:
         try:
             settings.validate(model.args.vocab_size, model.args.canvas_length)
         except _SettingError as e:
-            raise _blame(e, set(e.fields) & _file_fields(model.args.generation_config) - explicit) from None
+            raise _blame(e, _file_fields(model.args.generation_config) - explicit, explicit) from None
         return settings
 
     def updated(self, **overrides) -> "GenerationSettings":
@@ -168,13 +168,15 @@ def _file_fields(gen: dict) -> set[str]:
     return {k for k, v in names.items() if v is not None}
 
 
-def _blame(e: _SettingError, from_file: set[str]) -> UserError:
+def _blame(e: _SettingError, from_file: set[str], explicit: set[str]) -> UserError:
     """Name generation_config.json when it set a value the failed check involved, so a bad
     file does not read like a bad option."""
+    involved = set(e.fields)
+    from_file = from_file & involved
     if not from_file:
         return e
     message = str(e).removeprefix("invalid setting: ")
-    if from_file == set(e.fields):
+    if not involved & explicit:
         for ours, theirs in _FILE_NAMES.items():
             message = re.sub(rf"\b{ours}\b", theirs, message)
         return UserError(f"generation_config.json: {message}; fix or delete generation_config.json")
