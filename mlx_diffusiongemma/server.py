@@ -269,8 +269,9 @@ class Job:
 class Engine:
     """The worker thread: loads the model, then runs queued jobs one at a time."""
 
-    def __init__(self, model_path: str, cache_entries: int = 4, cache_bytes: int = 2 << 30):
-        self.model_path = model_path
+    def __init__(self, model_path: str, cache_entries: int = 4, cache_bytes: int = 2 << 30,
+                 adapter_path: str | None = None):
+        self.model_path, self.adapter_path = model_path, adapter_path
         self.cache_entries, self.cache_bytes = cache_entries, cache_bytes
         self.jobs: queue.Queue = queue.Queue()
         self.ready = threading.Event()
@@ -290,7 +291,8 @@ class Engine:
         try:
             from .loading import load
 
-            self.model, self.tokenizer = load(self.model_path)
+            adapter = {"adapter_path": self.adapter_path} if self.adapter_path else {}
+            self.model, self.tokenizer = load(self.model_path, **adapter)
             args = self.model.args
             # Sliding layers keep enough to step back over a default-length reply.
             canvases = -(-GenerationSettings.resolve(self.model).max_tokens // args.canvas_length)
@@ -384,6 +386,7 @@ class ServerConfig:
     """What `serve` was started with."""
 
     model: str
+    adapter_path: str | None = None
     api_key: str | None = None
     max_queue: int = 16
     max_body_bytes: int = 4 << 20
@@ -792,7 +795,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def build_server(config: ServerConfig) -> Server:
     """Load the model (on the generation thread) and return the server around it."""
-    engine = Engine(config.model, config.cache_entries, config.cache_bytes)
+    engine = Engine(config.model, config.cache_entries, config.cache_bytes, config.adapter_path)
     engine.start()
     return Server(config, engine)
 

@@ -398,3 +398,14 @@ def test_an_answer_that_never_leaves_the_thought_channel_is_flagged():
     choice = fmt.whole("length", usage={})["choices"][0]
     assert choice["message"]["content"] == "" and choice["thinking_unfinished"] is True
     assert choice["message"]["reasoning_content"].startswith("hmm")
+
+
+def test_serve_with_a_missing_model_is_one_line_and_exit_1(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma", "serve", "--model", str(tmp_path / "nope"),
+                        "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr

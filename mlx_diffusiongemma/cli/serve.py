@@ -22,6 +22,8 @@ def _is_loopback(host: str) -> bool:
 @app.command()
 def serve(
     model: ModelOption = None,
+    adapter_path: Annotated[str | None, typer.Option(
+        help="LoRA adapter directory to apply to the model.", show_default="none")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback is reachable from other machines.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
     api_key: Annotated[str | None, typer.Option(
@@ -45,7 +47,7 @@ def serve(
     if not _is_loopback(host) and not api_key:
         info(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model "
              f"(set --api-key or {API_KEY_ENV})")
-    config = ServerConfig(model=model or DEFAULT_MODEL, api_key=api_key or None, max_queue=max_queue,
+    config = ServerConfig(model=model or DEFAULT_MODEL, adapter_path=adapter_path, api_key=api_key or None, max_queue=max_queue,
                           max_body_bytes=max_body_bytes, cache_entries=prompt_cache_size,
                           cache_bytes=prompt_cache_bytes)
     info(f"loading {config.model} ...")
