@@ -78,6 +78,15 @@ def test_fully_pinned_canvas_is_committed_without_a_forward(tiny, monkeypatch):
     assert len(calls) == sum(1 for e in events if e.committed is None and e.canvas == 0)
 
 
+def test_pins_hold_over_an_initial_canvas(tiny):
+    _, model, _, _ = tiny
+    pinned = {2: 300, 6: 301}
+    events = generate_step(model, [2, 10], max_tokens=CANVAS, initial_canvas=[5] * CANVAS, pinned=pinned,
+                           eos_token_ids=[], **FAST)
+    out = committed_tokens(events)
+    assert (out[2], out[6]) == (300, 301)
+
+
 def test_batch_rows_have_their_own_pins(tiny):
     _, model, _, _ = tiny
     rows = [{1: 300, 9: 301}, {2: 302}]
@@ -210,6 +219,26 @@ def test_given_pins_are_the_answer_positions_of_the_givens():
     ids = tokenizer.encode(sudoku.format_grid(solution), add_special_tokens=False)
     pins = given_pins(tokenizer, puzzle)
     assert len(pins) == 41 and all(ids[p] == t for p, t in pins.items())
+
+
+def test_live_grid_draws_pinned_givens_from_the_first_step():
+    from mlx_diffusiongemma.demos.sudoku.solver import render_grid
+
+    puzzle, _ = sudoku.make_dataset(seed=3, n=1, blanks=40)[0]
+    draft = "?" * 81  # the first step's draft, before any digit is readable
+    given = next(i for i, ch in enumerate(puzzle) if ch != ".")
+    assert render_grid(puzzle, draft, pinned=True).plain.count(puzzle[given]) >= 1
+    assert sum(ch.isdigit() for ch in render_grid(puzzle, draft, pinned=True).plain) == 41
+    assert sum(ch.isdigit() for ch in render_grid(puzzle, draft).plain) == 0
+
+
+def test_pinned_solve_keeps_the_givens():
+    from mlx_diffusiongemma.demos.sudoku.solver import load_solver, solve_puzzle
+
+    model, tokenizer = load_solver()
+    puzzle, solution = sudoku.make_dataset(seed=11, n=1, blanks=40)[0]
+    answer = solve_puzzle(puzzle, model, tokenizer, pin_givens=True, seed=0)
+    assert answer is not None and all(a == g for a, g in zip(answer, puzzle) if g != ".")
 
 
 # --- bad inputs ---------------------------------------------------------------------------
