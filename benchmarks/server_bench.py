@@ -3,8 +3,9 @@
 run one at a time through the server and through the Python API in one process.
 
 Reports requests served, errors, p50/p95 latency per request, time to the first content
-chunk, whether the concurrent outputs equal the sequential ones (same seeds), and the
-server's overhead per request (sequential server latency minus Python API latency).
+chunk (and to the first draft event with `stream_drafts`), whether the concurrent outputs
+equal the sequential ones (same seeds), and the server's overhead per request: sequential
+server latency minus Python API latency, the two run alternately request by request.
 
     python benchmarks/server_bench.py --clients 8 --requests 5 --out benchmarks/results/server_bench.json
 """
@@ -35,16 +36,20 @@ def requests_for(n: int, blanks: int) -> list[dict]:
                  puzzle=p) for i, (p, _) in enumerate(puzzles.make_dataset(7, n, blanks))]
 
 
-def one_request(client, model_id: str, req: dict) -> dict:
-    """Stream one request; its latency, time to first content chunk and text."""
+def one_request(client, model_id: str, req: dict, drafts: bool = False) -> dict:
+    """Stream one request; its latency, time to first content chunk (and first draft
+    event with `drafts`) and text."""
     tic = time.perf_counter()
-    first, text = None, ""
-    stream = client.chat.completions.create(model=model_id, messages=req["messages"], seed=req["seed"], stream=True)
+    first, first_draft, text = None, None, ""
+    stream = client.chat.completions.create(model=model_id, messages=req["messages"], seed=req["seed"], stream=True,
+                                            extra_body={"stream_drafts": drafts})
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
+        if chunk.object == "chat.completion.draft":
+            first_draft = first_draft or time.perf_counter() - tic
+        elif chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter() - tic
             text += chunk.choices[0].delta.content
-    return dict(latency=time.perf_counter() - tic, first_chunk=first, text=text)
+    return dict(latency=time.perf_counter() - tic, first_chunk=first, first_draft=first_draft, text=text)
 
 
 def run_concurrent(client, model_id: str, reqs: list[dict], clients: int) -> tuple[list, list]:
@@ -67,19 +72,15 @@ def run_concurrent(client, model_id: str, reqs: list[dict], clients: int) -> tup
     return results, errors
 
 
-def python_api(reqs: list[dict]) -> list[dict]:
-    """The same requests through `stream_generate` in this process (fresh cache each)."""
-    model, tokenizer = load(SUDOKU_MODEL)
-    out = []
-    for req in reqs:
-        ids = tokenizer.apply_chat_template(req["messages"], add_generation_prompt=True, enable_thinking=False,
-                                            tokenize=True)
-        settings = GenerationSettings.resolve(model, seed=req["seed"])
-        tic, text = time.perf_counter(), ""
-        for r in stream_generate(model, tokenizer, ids, settings=settings):
-            text += r.text
-        out.append(dict(latency=time.perf_counter() - tic, text=text))
-    return out
+def python_api(model, tokenizer, req: dict) -> dict:
+    """One request through `stream_generate` in this process (a fresh cache)."""
+    ids = tokenizer.apply_chat_template(req["messages"], add_generation_prompt=True, enable_thinking=False,
+                                        tokenize=True)
+    settings = GenerationSettings.resolve(model, seed=req["seed"])
+    tic, text = time.perf_counter(), ""
+    for r in stream_generate(model, tokenizer, ids, settings=settings):
+        text += r.text
+    return dict(latency=time.perf_counter() - tic, text=text)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -114,11 +115,18 @@ def main() -> None:
         tic = time.perf_counter()
         concurrent, errors = run_concurrent(client, model_id, reqs, args.clients)
         wall = time.perf_counter() - tic
-        sequential = [one_request(client, model_id, r) for r in reqs]
+        # One at a time, each request through the server and then the Python API, so that
+        # both see the same load on this shared machine.
+        model, tokenizer = load(SUDOKU_MODEL)
+        python_api(model, tokenizer, reqs[0])  # warm-up
+        sequential, api = [], []
+        for r in reqs:
+            sequential.append(one_request(client, model_id, r))
+            api.append(python_api(model, tokenizer, r))
+        drafted = [one_request(client, model_id, r, drafts=True) for r in reqs[:5]]
         health = server.health()
     finally:
         server.stop()
-    api = python_api(reqs)
 
     same = sum(c is not None and c["text"] == s["text"] for c, s in zip(concurrent, sequential))
     same_api = sum(s["text"] == a["text"] for s, a in zip(sequential, api))
@@ -131,8 +139,15 @@ def main() -> None:
                         requests_per_s=len(reqs) / wall, error_messages=errors[:5]),
         sequential_server=seq, python_api=dict(p50_latency_s=api_p50, p95_latency_s=pct([a["latency"] for a in api], 0.95)),
         overhead_per_request_s=seq["p50_latency_s"] - api_p50,
+        paired_overhead_p50_s=statistics.median(s["latency"] - a["latency"] for s, a in zip(sequential, api)),
+        latencies=dict(concurrent=[c and round(c["latency"], 4) for c in concurrent],
+                       sequential_server=[round(s["latency"], 4) for s in sequential],
+                       python_api=[round(a["latency"], 4) for a in api]),
         concurrent_equal_to_sequential=f"{same}/{len(reqs)}", server_equal_to_python_api=f"{same_api}/{len(reqs)}",
         sudoku_solved=f"{solved}/{len(reqs)}", server_counters=health,
+        with_drafts=dict(requests=len(drafted), p50_first_draft_s=pct([d["first_draft"] for d in drafted], 0.5),
+                         p50_first_chunk_s=pct([d["first_chunk"] for d in drafted], 0.5),
+                         equal_text=sum(d["text"] == s["text"] for d, s in zip(drafted, sequential))),
     )
     print(json.dumps(report, indent=2))
     if args.out:
