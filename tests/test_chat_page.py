@@ -33,6 +33,14 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def browser(tmp_path):
+    proc, ws_url = launch_chromium(tmp_path)
+    yield ws_url
+    proc.terminate()
+    proc.wait(15)
+
+
+def launch_chromium(tmp_path: Path):
+    """Headless Chromium with its DevTools port open: (process, the page's websocket URL)."""
     port = free_port()
     proc = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                              f"--remote-debugging-port={port}", f"--user-data-dir={tmp_path / 'profile'}",
@@ -51,9 +59,7 @@ def browser(tmp_path):
             proc.kill()
             raise RuntimeError("chromium did not open its DevTools port")
         time.sleep(0.3)
-    yield pages[0]["webSocketDebuggerUrl"]
-    proc.terminate()
-    proc.wait(15)
+    return proc, pages[0]["webSocketDebuggerUrl"]
 
 
 class Page:
@@ -88,20 +94,22 @@ class Page:
         raise AssertionError(f"timed out waiting for {expression}")
 
 
-async def chat_in_page(ws_url, base, screenshot: Path):
+async def chat_in_page(ws_url, base, screenshot: Path, prompt="What is 2+2?", max_tokens=MAX_TOKENS,
+                       steps=STEPS, drafts_before_shot=3):
+    """Send `prompt` from the page; screenshot mid-canvas; return what the page showed."""
     async with websockets.connect(ws_url, max_size=1 << 26) as ws:
         page = Page(ws)
         await page.send("Page.enable")
         await page.send("Page.navigate", url=f"{base}/?seed={SEED}")
         await page.until("document.readyState === 'complete' && document.getElementById('model').textContent")
-        await page.js(f"document.getElementById('max-tokens').value = '{MAX_TOKENS}';"
-                      f"document.getElementById('steps').value = '{STEPS}';"
-                      "document.getElementById('input').value = 'What is 2+2?';"
+        await page.js(f"document.getElementById('max-tokens').value = '{max_tokens}';"
+                      f"document.getElementById('steps').value = '{steps}';"
+                      f"document.getElementById('input').value = {json.dumps(prompt)};"
                       "document.getElementById('composer').requestSubmit(); true")
         # Mid-canvas: a draft is on screen and nothing has finished yet.
         await page.until("document.querySelector('.assistant .draft') && "
                          "document.querySelector('.assistant .draft').textContent.length > 0 && "
-                         "window.draftLog.length > 2 && !document.querySelector('.assistant').dataset.finish")
+                         f"window.draftLog.length >= {drafts_before_shot} && !document.querySelector('.assistant').dataset.finish")
         shot = await page.send("Page.captureScreenshot", format="png")
         screenshot.write_bytes(base64.b64decode(shot["data"]))
         await page.until("document.querySelector('.assistant').dataset.finish")

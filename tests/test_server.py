@@ -4,6 +4,7 @@ tested: malformed bodies, SSE draft events, a client that goes away)."""
 
 import http.client
 import json
+import os
 import threading
 import time
 
@@ -400,12 +401,15 @@ def test_an_answer_that_never_leaves_the_thought_channel_is_flagged():
     assert choice["message"]["reasoning_content"].startswith("hmm")
 
 
-def test_serve_with_a_missing_model_is_one_line_and_exit_1(tmp_path):
+def test_serve_with_a_missing_model_is_one_line_and_exit_1_and_warns_off_loopback(tmp_path):
     import subprocess
     import sys
 
+    # The model fails to load before anything binds, so 0.0.0.0 is never listened on.
     r = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma", "serve", "--model", str(tmp_path / "nope"),
-                        "--port", "0"], capture_output=True, text=True, timeout=120)
+                        "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "MLX_DIFFUSIONGEMMA_API_KEY"})
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr
+    assert "without an API key" in r.stderr
