@@ -263,7 +263,10 @@ class Job:
     released: bool = False
 
     def send(self, kind: str, **payload) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:
+            pass  # the event loop closed (shutting down): nobody is listening
 
 
 class Engine:
@@ -307,7 +310,11 @@ class Engine:
             job = self.jobs.get()
             if job is None:
                 return
-            self._run(job)
+            try:
+                self._run(job)
+            except Exception as e:  # noqa: BLE001  (the thread must outlive any one request)
+                self.stats["errors"] += 1
+                job.send("error", status=500, message=first_line(e))
 
     def stop(self) -> None:
         self.jobs.put(None)
