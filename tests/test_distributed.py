@@ -162,18 +162,34 @@ def test_sampler_on_vocabulary_shards_matches_full_vocabulary(ranks, tmp_path):
         assert s == results[0]["sampler"]
 
 
+LOAD_SCRIPT = (
+    "import sys\nimport mlx.core as mx\nfrom mlx_diffusiongemma import UserError, load_model\n"
+    "paths = sys.argv[1:]\n"
+    "try:\n    load_model(paths[mx.distributed.init().rank() % len(paths)])\nexcept UserError as e:\n"
+    "    print('USERERROR', e, file=sys.stderr, flush=True)\n    sys.exit(1)\n"
+)
+
+
+def user_errors(n: int, paths: list[Path], tmp_path: Path) -> list[str]:
+    """The one-line errors of `n` ranks loading `paths` (rank r loads paths[r % len])."""
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT)
+    proc = launch(n, [str(script), *map(str, paths)], timeout=240)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("USERERROR")]
+    assert len(lines) == n and len(set(lines)) == 1, proc.stdout[-3000:]
+    return lines
+
+
 def test_unsplittable_configuration_is_one_line_error_on_every_rank(checkpoints, tmp_path):
     root, _, _ = checkpoints
-    script = tmp_path / "load.py"
-    script.write_text(
-        "import sys\nfrom mlx_diffusiongemma import UserError, load_model\n"
-        "try:\n    load_model(sys.argv[1])\nexcept UserError as e:\n"
-        "    print('USERERROR', e, file=sys.stderr, flush=True)\n    sys.exit(1)\n"
-    )
-    proc = launch(4, [str(script), str(root / "f32")], timeout=240)  # 12 heads do not split 4 x 3 KV
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("USERERROR")]
-    assert len(lines) == 4 and len(set(lines)) == 1, proc.stdout[-3000:]
+    lines = user_errors(4, [root / "f32"], tmp_path)  # 12 heads over 6 KV heads: 4 ranks split KV groups
     assert "launch a number of ranks" in lines[0]
+
+
+def test_ranks_with_different_models_are_one_line_error_on_every_rank(checkpoints, tmp_path):
+    root, _, _ = checkpoints
+    lines = user_errors(2, [root / "f32", root / "q4"], tmp_path)
+    assert "rank 1 loaded a different model than rank 0" in lines[0]
 
 
 def test_failing_rank_ends_the_launch(checkpoints, tmp_path):

@@ -18,6 +18,7 @@ can be summed later). This module must not import `diffusion_gemma` (it imports 
 
 import os
 import sys
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 
@@ -266,7 +267,25 @@ def shard(model, group) -> None:
 
 
 def silence_followers(group) -> None:
-    """Ranks other than 0 print nothing to stdout, so a launch shows one copy of the output
-    (errors still reach stderr)."""
-    if group.rank() > 0:
-        sys.stdout = open(os.devnull, "w")
+    """Ranks other than 0 print nothing, so a launch shows one copy of the output: their
+    stdout goes nowhere and their stderr lets through only what is written while an
+    exception is handled (the CLI's one-line errors) and uncaught tracebacks."""
+    if group.rank() == 0:
+        return
+    sys.stdout = open(os.devnull, "w")
+    stderr = sys.stderr
+    sys.stderr = _ErrorsOnly(stderr)
+    sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=stderr)
+
+
+class _ErrorsOnly:
+    """A stream that forwards writes made while an exception is being handled."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text) if sys.exc_info()[0] is not None else len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
