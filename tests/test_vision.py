@@ -149,7 +149,7 @@ def test_chunked_attention_in_the_tower_changes_nothing(pair):
     try:
         chunked = np.array(embed(tower(*args)))
     finally:
-        tower.query_chunk = 2048
+        tower.query_chunk = 1024
     assert np.abs(whole - chunked).max() < 1e-5
 
 
@@ -504,3 +504,13 @@ def test_cli_chat_image_command(chat_model, tmp_path):
     assert "image 1 attached" in result.output and "no such image file" in result.output
     text_only = cli(["chat", "-m", path, "--text-only", *CLI_FAST], input=f"/image {tmp_path / 'p.png'}\n")
     assert "text-only" in text_only.output
+
+
+def test_a_checkpoint_without_a_vision_tower_says_so():
+    # What `convert --text-only` writes: config.json without vision_config.
+    from mlx_diffusiongemma.images import prepare_for
+    from mlx_diffusiongemma.models import Model, ModelArgs
+
+    model = Model(ModelArgs.from_config(tiny_config(CANVAS, vision=False)))
+    one_line_error(lambda: prepare_for(model, [picture(8, 8)]), "no vision tower", "vision_config")
+    one_line_error(lambda: model.embed_images(small_images(1)), "no vision tower")

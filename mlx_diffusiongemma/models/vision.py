@@ -97,13 +97,15 @@ class VisionAttention(nn.Module):
         # v_norm has no weight.
         v = rms_norm(self.v_proj(x).reshape(B, N, self.n_kv, -1), None, self.eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        # Every patch sees every patch. Queries go in chunks so the (heads, N, N) scores of
-        # a large image are never all held at once.
+        # Every patch sees every patch. Queries go in chunks, each evaluated before the next
+        # is built, so the (heads, N, N) scores of a large image are never all held at once
+        # (left lazy, MLX would schedule every chunk's scores together).
         step = query_chunk or N
-        outs = [
-            mx.fast.scaled_dot_product_attention(q[:, :, i : i + step], k, v, scale=1.0)
-            for i in range(0, N, step)
-        ]
+        outs = []
+        for i in range(0, N, step):
+            outs.append(mx.fast.scaled_dot_product_attention(q[:, :, i : i + step], k, v, scale=1.0))
+            if step < N:
+                mx.eval(outs[-1])
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, N, -1))
 
@@ -168,7 +170,7 @@ class VisionTower(nn.Module):
         self.pool = cfg.get("pooling_kernel_size", 3)
         self.rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 100.0)
         # Query rows per attention call; None attends all at once (see VisionAttention).
-        self.query_chunk: int | None = 2048
+        self.query_chunk: int | None = 1024
         if cfg.get("standardize", False):
             self.std_bias = mx.zeros((cfg["hidden_size"],))
             self.std_scale = mx.ones((cfg["hidden_size"],))
