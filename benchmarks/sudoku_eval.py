@@ -27,7 +27,9 @@ from mlx_lm.utils import dequantize_model
 from mlx_diffusiongemma.demos.sudoku import puzzles as sudoku
 from mlx_diffusiongemma.demos.sudoku.solver import (
     DEFAULT_MODEL,
+    conflicts,
     given_pins,
+    repair_pins,
     puzzle_prompt,
     stream_solve,
 )
@@ -49,15 +51,21 @@ def puzzles(blanks: int, n: int, tuning: bool = False) -> list[tuple[str, str]]:
     return sudoku.make_dataset((TUNING_SEED if tuning else EVAL_SEED) + blanks, n, blanks)
 
 
-def parse_setting(text: str) -> tuple[str, float]:
-    """`KEY=VALUE` for a numeric sampler setting, e.g. `entropy_bound=0.3`."""
+# The sampler settings --set may override, with the type each takes.
+SETTABLE = {**{k: type(v) for k, v in REFERENCE_DEFAULTS.items()},
+            "sampler": str, "threshold": float, "self_conditioning_top_k": int,
+            "fast": lambda v: {"true": True, "false": False}[v.lower()]}
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` for a sampler setting, e.g. `entropy_bound=0.3` or `sampler=confidence`."""
     key, _, value = text.partition("=")
-    if key not in REFERENCE_DEFAULTS:
-        raise argparse.ArgumentTypeError(f"{key!r} is not one of {', '.join(REFERENCE_DEFAULTS)}")
+    if key not in SETTABLE:
+        raise argparse.ArgumentTypeError(f"{key!r} is not one of {', '.join(SETTABLE)}")
     try:
-        return key, type(REFERENCE_DEFAULTS[key])(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{key} takes a number, got {value!r}") from None
+        return key, SETTABLE[key](value)
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{key} takes a {SETTABLE[key].__name__}, got {value!r}") from None
 
 
 def diffusion(model, tokenizer, puzzle: str, seed: int, pin_givens: bool = False) -> dict:
@@ -97,13 +105,33 @@ def sequential(model, tokenizer, puzzle: str, seed: int) -> dict:
 
 
 def batched_diffusion(model, tokenizer, cases: list[tuple[str, str]], seed: int, pin_givens: bool = False,
-                      **settings) -> list[dict]:
+                      repair_rounds: int = 0, **settings) -> list[dict]:
     """`generate_step` on a batch of puzzles (same prompt length): each row stops on its own
     stable-and-confident rule and keeps the canvas it stopped on. `pin_givens` pins each
-    row's givens (one mapping per row)."""
-    if pin_givens:
-        settings["pinned"] = [given_pins(tokenizer, p) for p, _ in cases]
-    s = GenerationSettings.resolve(model, seed=seed, **settings)
+    row's givens (one mapping per row); each of `repair_rounds` re-solves, as one batch,
+    the grids that break a rule with the cells `repair_pins` keeps pinned."""
+    pinned = [given_pins(tokenizer, p) for p, _ in cases] if pin_givens else None
+    results = denoise_batch(model, tokenizer, cases, seed, pinned, settings)
+    for r in range(repair_rounds):
+        todo = [i for i, res in enumerate(results) if needs_repair(res["answer"])]
+        if not todo:
+            break
+        pins = [repair_pins(model, tokenizer, cases[i][0], results[i]["answer"]) for i in todo]
+        again = denoise_batch(model, tokenizer, [cases[i] for i in todo], seed + 1 + r, pins, settings)
+        for i, new in zip(todo, again):
+            forwards = results[i]["forwards"] + new["forwards"]
+            answer = new["answer"] or results[i]["answer"]
+            results[i] = dict(answer=answer, forwards=forwards, steps=forwards,
+                              tokens_per_forward=results[i]["tokens_per_forward"] * results[i]["forwards"] / forwards)
+    return results
+
+
+def needs_repair(answer: str | None) -> bool:
+    return answer is not None and bool(conflicts(answer))
+
+
+def denoise_batch(model, tokenizer, cases, seed: int, pinned, settings: dict) -> list[dict]:
+    s = GenerationSettings.resolve(model, seed=seed, **settings, **({"pinned": pinned} if pinned else {}))
     for event in generate_step(model, prompt_batch(tokenizer, cases), settings=s):
         if event.committed is not None:
             return [score_tokens(tokenizer, s, row, n) for row, n in zip(event.committed, event.step)]
@@ -203,6 +231,8 @@ def parse_args():
                         metavar="KEY=VALUE", help="override a sampler setting of the diffusion accuracy runs (repeatable)")
     parser.add_argument("--pin-givens", action="store_true",
                         help="pin each puzzle's given digits at their answer positions in the diffusion runs")
+    parser.add_argument("--repair-rounds", type=int, default=0,
+                        help="re-solve grids that break a rule, keeping their other cells pinned (rounds)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sudoku.json"))
     return parser.parse_args()
 
@@ -230,6 +260,9 @@ def run_model(k: int, name: str, path: str, args) -> list[dict]:
         cases = puzzles(blanks, max(args.n, args.sequential, args.timed), args.tuning)
         pins = dict(pin_givens=True) if args.pin_givens else {}
         method = "diffusion, givens pinned" if args.pin_givens else "diffusion"
+        if args.repair_rounds:
+            pins["repair_rounds"] = args.repair_rounds
+            method += f", {args.repair_rounds} repair rounds"
         jobs = [(method, batched_diffusion, args.n, {**dict(args.settings), **pins})]
         if k == 0:
             jobs.append(("sequential", batched_sequential, args.sequential, {}))

@@ -241,6 +241,20 @@ def test_pinned_solve_keeps_the_givens():
     assert answer is not None and all(a == g for a, g in zip(answer, puzzle) if g != ".")
 
 
+def test_repair_pins_free_the_conflicting_and_doubtful_blanks():
+    from mlx_diffusiongemma.demos.sudoku.solver import conflicts, load_solver, repair_pins
+
+    model, tokenizer = load_solver()
+    puzzle, solution = sudoku.make_dataset(seed=3, n=1, blanks=40)[0]
+    blank = next(i for i, ch in enumerate(puzzle) if ch == "." and solution[i] != "9")
+    wrong = solution[:blank] + "9" + solution[blank + 1:]
+    pins = repair_pins(model, tokenizer, puzzle, wrong, extra=3)
+    freed = {i for i in range(81) if (i // 9) * 10 + i % 9 not in pins}
+    assert blank in freed and conflicts(wrong) & set(range(81)) - freed <= {i for i, ch in enumerate(puzzle) if ch != "."}
+    assert all((i // 9) * 10 + i % 9 in pins for i, ch in enumerate(puzzle) if ch != ".")
+    assert len(freed) <= len(conflicts(wrong)) + 3
+
+
 # --- bad inputs ---------------------------------------------------------------------------
 
 

@@ -59,6 +59,21 @@ def given_pins(tokenizer, puzzle: str) -> dict[int, int]:
     return {(i // 9) * 10 + i % 9: digit[ch][0] for i, ch in enumerate(cells) if ch in sudoku.DIGITS}
 
 
+def repair_pins(model, tokenizer, puzzle: str, answer: str, extra: int = 3) -> dict[int, int]:
+    """Pins for a second try at a grid that breaks a rule: the givens and every filled
+    cell except those in conflict and the `extra` blanks the model finds least likely in
+    one bidirectional pass over the answer (`check`), which the model writes again."""
+    from ...infill import check  # deferred: infill imports the generation loop too
+
+    blanks = [i for i, ch in enumerate(puzzle) if ch not in sudoku.DIGITS]
+    scores = check(model, tokenizer, sudoku.format_grid(answer), prompt=sudoku.format_grid(puzzle), chat=True)
+    surprise = {t.start: t.surprise for t in scores.tokens}
+    doubtful = sorted(blanks, key=lambda i: -surprise.get((i // 9) * 10 + i % 9, 0.0))[:extra]
+    free = (conflicts(answer) & set(blanks)) | set(doubtful)
+    kept = "".join(ch if i not in free else sudoku.BLANK for i, ch in enumerate(answer))
+    return given_pins(tokenizer, kept)
+
+
 def stream_solve(puzzle: str, model, tokenizer, pin_givens: bool = PIN_GIVENS,
                  **settings) -> Iterator[GenerationResponse]:
     """`stream_generate` on the puzzle's prompt: one response per denoising step. With
@@ -69,15 +84,24 @@ def stream_solve(puzzle: str, model, tokenizer, pin_givens: bool = PIN_GIVENS,
 
 
 def solve_puzzle(puzzle: str, model=None, tokenizer=None, pin_givens: bool = PIN_GIVENS,
-                 **settings) -> str | None:
+                 repair_rounds: int = 0, **settings) -> str | None:
     """The model's completed grid (81 digits) for `puzzle`, or None if it did not
     answer with a grid. Loads the shipped model when none is given; `settings` are
     `GenerationSettings` overrides (defaults: the model's generation_config.json);
-    `pin_givens` pins the given digits (see `stream_solve`)."""
+    `pin_givens` pins the given digits (see `stream_solve`). Each of `repair_rounds`
+    re-solves a grid that breaks a rule with the cells it keeps pinned (`repair_pins`)."""
     if model is None:
         model, tokenizer = load_solver()
     text = "".join(r.text for r in stream_solve(puzzle, model, tokenizer, pin_givens, **settings))
-    return sudoku.parse_grid(text)
+    answer = sudoku.parse_grid(text)
+    for _ in range(repair_rounds):
+        if answer is None or not any(ch not in sudoku.DIGITS for ch in answer) and not conflicts(answer):
+            break
+        pins = repair_pins(model, tokenizer, puzzle, answer)
+        prompt = puzzle_prompt(tokenizer, puzzle)
+        text = "".join(r.text for r in stream_generate(model, tokenizer, prompt, pinned=pins, **settings))
+        answer = sudoku.parse_grid(text) or answer
+    return answer
 
 
 def draft_cells(text: str) -> str:
