@@ -67,9 +67,9 @@ class GenerationSettings:
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise UserError(f"unknown generation setting {sorted(unknown)[0]!r}; see GenerationSettings")
-        from_file = _from_generation_config(model.args.generation_config, model.args.eos_token_ids)
-        settings = cls(**from_file).updated(**overrides)
         explicit = {k for k, v in overrides.items() if v is not None}
+        from_file = _from_generation_config(model.args.generation_config, model.args.eos_token_ids, explicit)
+        settings = cls(**from_file).updated(**overrides)
         try:
             settings.validate(model.args.vocab_size, model.args.canvas_length)
         except _SettingError as e:
@@ -237,7 +237,9 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, what: str) -> None:
             raise UserError(f"{what} contains token id {t}, outside the model's vocabulary [0, {vocab_size})")
 
 
-def _from_generation_config(gen: dict, eos: list[int]) -> dict:
+def _from_generation_config(gen: dict, eos: list[int], replaced: set[str] = frozenset()) -> dict:
+    """The file's settings (nulls as reference defaults); values that an explicit setting
+    `replaced` are not checked, as they are never used."""
     sampler = gen.get("sampler_config")
     if sampler is not None and not isinstance(sampler, dict):
         raise UserError(
@@ -256,7 +258,7 @@ def _from_generation_config(gen: dict, eos: list[int]) -> dict:
     }
     for key, value in values.items():
         wanted = _is_int if key in _INTEGER_SETTINGS else _is_number
-        if value is not None and not (wanted(value) and math.isfinite(value)):
+        if value is not None and key not in replaced and not (wanted(value) and math.isfinite(value)):
             name = {"max_tokens": "max_new_tokens", "entropy_bound": "sampler_config.entropy_bound"}.get(key, key)
             raise UserError(
                 f"generation_config.json: '{name}' must be a finite {'integer' if wanted is _is_int else 'number'}, "

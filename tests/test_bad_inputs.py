@@ -170,6 +170,7 @@ def test_raw_prompts_still_work_without_chat_template(no_template):
     (dict(t_min=0), "t_min"),
     (dict(t_min=-0.5), "t_min"),
     (dict(t_min=0.5, t_max=0.2), "t_max"),
+    (dict(t_max=0.3), "t_max"),  # below the reference's t_min: no option involved, the file is named
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_denoising_steps=-3), "max_denoising_steps"),
     (dict(sampler_config={"entropy_bound": 0}), "sampler_config.entropy_bound"),
@@ -190,8 +191,9 @@ def test_option_against_a_value_from_the_file_names_both(model_dir, tmp_path):
                    "t_max", "t_min from the model's generation_config.json")
 
 
-def test_an_option_overrides_a_bad_value_in_the_file(model_dir, tmp_path):
-    path = broken(model_dir, tmp_path, set_generation(t_min=0))
+@pytest.mark.parametrize("bad", [0, "0.3"])
+def test_an_option_overrides_a_bad_value_in_the_file(model_dir, tmp_path, bad):
+    path = broken(model_dir, tmp_path, set_generation(t_min=bad))
     assert invoke(["generate", "Hi", "-m", path, *FAST, "--t-min", "0.3"]).exit_code == 0
 
 
