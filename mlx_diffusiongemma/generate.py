@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from .errors import UserError
 from .models.cache import cache_length
+from .steps import denoise_canvas
 from .models.sharding import broadcast
 from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, temperature
 from .sharded_sample import sharded_sampler_step
@@ -31,6 +32,11 @@ REFERENCE_DEFAULTS = dict(
 _INTEGER_SETTINGS = ("max_tokens", "max_denoising_steps", "stability_threshold")
 _FLOAT_SETTINGS = ("t_min", "t_max", "entropy_bound", "confidence_threshold")
 _SEED_RANGE = 2**64
+SAMPLERS = ("entropy", "confidence")
+# `fast=True`: the preset chosen on the Sudoku evaluation (benchmarks/README.md, "Fast
+# mode"): the step count capped (the temperature schedule is compressed to it). Each part
+# is also a setting of its own and explicit values win; the cap never raises a model's own.
+FAST_PRESET = dict(max_denoising_steps=14)
 # generation_config.json's names for the settings it sets under another name.
 _FILE_NAMES = {"max_tokens": "max_new_tokens", "entropy_bound": "sampler_config.entropy_bound"}
 
@@ -46,6 +52,12 @@ class GenerationSettings:
     masked), so generation cannot end before every pinned token is written. For a batch,
     `pinned` may instead be a list with one mapping per row.
     `seed` is any integer in [0, 2**64).
+
+    Beyond the reference: `sampler="confidence"` reveals and holds a position once its
+    sampled token has probability >= `threshold` (mlx-vlm's default rule) instead of the
+    entropy budget; `self_conditioning_top_k` builds self-conditioning from each position's
+    k most probable tokens (0: the whole vocabulary, as the reference); `fast=True` sets
+    `FAST_PRESET` (at most 14 steps) under whatever is given explicitly.
     """
 
     max_tokens: int = REFERENCE_DEFAULTS["max_tokens"]
@@ -55,6 +67,10 @@ class GenerationSettings:
     entropy_bound: float = REFERENCE_DEFAULTS["entropy_bound"]
     stability_threshold: int = REFERENCE_DEFAULTS["stability_threshold"]
     confidence_threshold: float = REFERENCE_DEFAULTS["confidence_threshold"]
+    sampler: str = "entropy"
+    threshold: float = 0.9
+    self_conditioning_top_k: int = 0
+    fast: bool = False
     eos_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     initial_canvas: tuple[int, ...] | None = None
@@ -84,6 +100,10 @@ class GenerationSettings:
                 explicit[key] = _token_tuple(explicit[key], key)
         if "pinned" in explicit:
             explicit["pinned"] = _pinned_tuple(explicit["pinned"])
+        if explicit.get("fast"):
+            preset = dict(FAST_PRESET, max_denoising_steps=min(self.max_denoising_steps,
+                                                               FAST_PRESET["max_denoising_steps"]))
+            explicit = {**preset, **explicit}
         return replace(self, **explicit)
 
     def validate(self, vocab_size: int, canvas_length: int) -> None:
@@ -119,6 +139,7 @@ class GenerationSettings:
                    f"initial_canvas has {len(self.initial_canvas)} tokens, the model's canvas_length is {canvas_length}")
             check_token_ids(self.initial_canvas, vocab_size, "initial_canvas")
         check_token_ids(self.eos_token_ids, vocab_size, "eos_token_ids")
+        _check_speed_settings(self, vocab_size)
         for row in _pinned_per_row(self.pinned):
             check_token_ids([t for _, t in row], vocab_size, "pinned")
             if row and row[-1][0] >= self.max_tokens:
@@ -126,6 +147,15 @@ class GenerationSettings:
                     f"invalid setting: pinned position {row[-1][0]} is beyond max_tokens={self.max_tokens}; "
                     "raise max_tokens or pin earlier positions"
                 )
+
+
+def _check_speed_settings(s: GenerationSettings, vocab_size: int) -> None:
+    _check(isinstance(s.fast, bool), f"fast must be True or False, got {s.fast!r}")
+    _check(s.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}")
+    _check(_is_number(s.threshold) and 0 < s.threshold <= 1, f"threshold must be in (0, 1], got {s.threshold!r}")
+    k = s.self_conditioning_top_k
+    _check(_is_int(k) and 0 <= k <= vocab_size,
+           f"self_conditioning_top_k must be an integer in [0, {vocab_size}] (0: whole vocabulary), got {k!r}")
 
 
 def _is_int(value) -> bool:
@@ -341,7 +371,7 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, featu
     for c in range(n_canvases):
         pins = canvas_pins(s, c, B, L)
         # One key chain runs through every canvas and step of the generation.
-        key, last, steps = yield from _denoise_canvas(model, cache, s, c, key, pins, B, prompt_seconds)
+        key, last, steps = yield from _canvas_loop(model, s)(model, cache, s, c, key, pins, B, prompt_seconds)
         prompt_seconds = None
         committed, finish = [], []
         for row, done in zip(last.argmax.tolist(), ended):
@@ -353,6 +383,16 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, featu
         if all(f is not None for f in finish):
             return
         model.encode(last.argmax, cache)
+
+
+def _canvas_loop(model, s: GenerationSettings):
+    """The fused loop (steps.py); a vocabulary-sharded model keeps the reference loop below,
+    which has no fast-mode levers."""
+    if getattr(model, "vocab_shard", None) is None:
+        return denoise_canvas
+    if s.sampler != "entropy" or s.self_conditioning_top_k:
+        raise UserError("a sharded model runs the reference sampler only; drop sampler/self_conditioning_top_k/fast")
+    return _denoise_canvas
 
 
 def _unbatched(e: StepEvent) -> StepEvent:

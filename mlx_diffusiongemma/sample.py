@@ -95,3 +95,30 @@ def pad_after_eos(tokens: list[int], eos_ids: set[int], pad_id: int) -> tuple[li
         if t in eos_ids:
             return tokens[: i + 1] + [pad_id] * (len(tokens) - i - 1), True
     return list(tokens), False
+
+
+# --- The fused step used by `generate_step` (see steps.py) ---
+
+@mx.compile
+def capped_sampler_step(raw: mx.array, cap: mx.array, bias: mx.array, inv_t: mx.array, bound: mx.array,
+                        keys: mx.array, pinned: mx.array):
+    """`sampler_step` on the head's logits before the softcap: `cap * tanh(raw / cap) + bias`
+    is fused into the pass that scales them, so the capped logits are never written out.
+    The same arithmetic in the same order as softcapping first (same tokens, same seed)."""
+    capped = mx.tanh(raw.astype(mx.float32) / cap) * cap
+    return sampler_step(capped + bias, inv_t, bound, keys, pinned)
+
+
+@mx.compile
+def reveal_confident(probs: mx.array, sampled: mx.array, revealed: mx.array, threshold: mx.array,
+                     force_all: mx.array) -> mx.array:
+    """The confidence-threshold rule (mlx-vlm's default sampler): the positions not yet
+    revealed whose sampled token has probability >= `threshold`, at least the most
+    confident one per row while any is left, every one left when `force_all`."""
+    confidence = mx.take_along_axis(probs, sampled[..., None], axis=-1).squeeze(-1)
+    free = ~revealed
+    new = free & (confidence >= threshold)
+    starved = free.any(axis=-1) & ~new.any(axis=-1)
+    best = mx.argmax(mx.where(free, confidence, -1.0), axis=-1)
+    forced = starved[:, None] & (mx.arange(probs.shape[1])[None] == best[:, None])
+    return new | forced | (free & force_all)

@@ -245,6 +245,17 @@ class SelfConditioning(nn.Module):
         return rms_norm(embeds, None, self.eps)
 
 
+def top_k_soft_embed(decoder, logits: mx.array, probs: mx.array | None, k: int, dtype: mx.Dtype) -> mx.array:
+    """The self-conditioning signal from the k most probable tokens of each position, their
+    probabilities renormalised: k embedding rows instead of a product with the whole table."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1) if probs is None else probs
+    idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+    top = mx.take_along_axis(probs, idx, axis=-1)
+    weights = (top / top.sum(axis=-1, keepdims=True)).astype(dtype)
+    rows = decoder.embed_tokens(idx).astype(dtype)
+    return (weights[..., None] * rows).sum(axis=-2) * mx.array(decoder.embed_scale, dtype=dtype)
+
+
 def embedding_matmul(embed: nn.Module, probs: mx.array) -> mx.array:
     """probs (..., V) @ E (V, H) for a plain or quantized embedding table."""
     if isinstance(embed, nn.QuantizedEmbedding):
@@ -434,23 +445,33 @@ class Model(nn.Module):
         cache: list,
         self_conditioning_logits: mx.array | None = None,
         self_conditioning_probs: mx.array | None = None,
+        capped: bool = True,
+        self_conditioning_top_k: int | None = None,
     ) -> mx.array:
         """Float32 softcapped logits (B, canvas, vocab) for a canvas after the cached prefix.
 
         `self_conditioning_logits` are the previous step's temperature-scaled logits, or None
         on a canvas's first step. A float32 model may be handed their softmax as
         `self_conditioning_probs` to skip recomputing it. The cache is not changed.
+        `capped=False` returns the head's logits before the softcap, for a sampler that fuses
+        the cap into its own pass over the vocabulary. `self_conditioning_top_k` builds the
+        signal from each position's k most probable tokens only (a fast-mode approximation).
         """
         decoder = self.model.decoder
         x = decoder.embed(canvas_ids)
         signal = None
         if self_conditioning_logits is not None:
-            signal = decoder.soft_embed(self_conditioning_logits, x.dtype, self_conditioning_probs)
+            if self_conditioning_top_k:
+                signal = top_k_soft_embed(decoder, self_conditioning_logits, self_conditioning_probs,
+                                          self_conditioning_top_k, x.dtype)
+            else:
+                signal = decoder.soft_embed(self_conditioning_logits, x.dtype, self_conditioning_probs)
         x = decoder.self_conditioning(x, signal)
         for layer, c in zip(self.layers, cache):
             x = layer.feed_forward(layer.attend(x, c, decoding=True), layer.layer_scalar, self.moe_grouped)
         x = decoder.norm(x)
-        return softcap(decoder.embed_tokens.as_linear(x), mx.array(self.args.final_logit_softcapping))
+        logits = decoder.embed_tokens.as_linear(x)
+        return softcap(logits, mx.array(self.args.final_logit_softcapping)) if capped else logits
 
     def sanitize(self, weights: dict) -> dict:
         """Map checkpoint tensor names (HF release, `save_pretrained`, mlx-vlm) to this model's.
