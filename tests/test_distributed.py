@@ -204,3 +204,20 @@ def test_failing_rank_ends_the_launch(checkpoints, tmp_path):
     )
     proc = launch(2, [str(script), str(root / "f32")], timeout=240)
     assert "UNREACHABLE" not in proc.stdout and "rank 1 fails" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32, mx.uint32])
+def test_read_tensor_reads_pieces_at_their_offsets(tmp_path, dtype):
+    from mlx_diffusiongemma.models.sharding import Piece, cut_array
+    from mlx_diffusiongemma.weights.safetensors import read_header
+    from mlx_diffusiongemma.weights.slices import read_tensor
+
+    a = (mx.arange(2 * 6 * 10).reshape(2, 6, 10) * 3).astype(dtype)
+    mx.save_safetensors(str(tmp_path / "t.safetensors"), {"pad": mx.ones((3,)), "a": a})
+    info = read_header(tmp_path / "t.safetensors")["a"]
+    pieces = (Piece(1, 3, 4), Piece(7, 10, 3), Piece(10, 10, 2))  # padded, whole, all padding
+    for axis, cut in ((-1, pieces), (-2, pieces[:1])):
+        ours = read_tensor(info, axis, cut)
+        assert ours.dtype == dtype
+        np.testing.assert_array_equal(np.array(ours.astype(mx.float32)), np.array(cut_array(a, axis, cut).astype(mx.float32)))
+    np.testing.assert_array_equal(np.array(read_tensor(info).astype(mx.float32)), np.array(a.astype(mx.float32)))
