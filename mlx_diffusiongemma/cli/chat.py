@@ -13,6 +13,7 @@ from ..chat import ChatSession, repair_text
 from ..errors import UserError
 from ..generate import format_stats
 from .app import app, error, info
+from .options import FastOption, speed_settings
 from .generate import view_for
 from .options import (
     AdapterPathOption, EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption,
@@ -177,6 +178,7 @@ def chat(
     t_max: TMaxOption = None,
     entropy_bound: EntropyOption = None,
     seed: SeedOption = None,
+    fast: FastOption = False,
     system: SystemOption = None,
     think: ThinkOption = False,
     stop: StopOption = None,
@@ -190,7 +192,7 @@ def chat(
     Ctrl-C stops a reply and keeps the conversation; Ctrl-D leaves.
     Each turn encodes only what the encoder cache does not hold yet.
     """
-    settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed)
+    settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) | speed_settings(fast)
     session = session_for(model, settings, system, think, stop, adapter_path=adapter_path, text_only=text_only)
     interactive = _prepare_stdin()
     info(CHAT_HELP)

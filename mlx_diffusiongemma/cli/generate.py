@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..generate import GenerationResponse, format_stats
 from ..ui.live import LiveView, PlainView
 from .app import EXIT_INTERRUPTED, app
+from .options import FastOption, speed_settings
 from .options import ImageOption
 from .options import (
     AdapterPathOption, EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption,
@@ -99,6 +100,7 @@ def generate(
     t_max: TMaxOption = None,
     entropy_bound: EntropyOption = None,
     seed: SeedOption = None,
+    fast: FastOption = False,
     system: SystemOption = None,
     think: ThinkOption = False,
     stop: StopOption = None,
@@ -115,7 +117,7 @@ def generate(
     # Options are checked before the (slow) model load so a typo fails at once.
     text = _read_prompt(prompt, prompt_file)
     images = _read_images(image)
-    settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed)
+    settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) | speed_settings(fast)
     session = session_for(model, settings, system, think, stop, keep=0, adapter_path=adapter_path,
                           text_only=not images)
     collected: list[str] = []

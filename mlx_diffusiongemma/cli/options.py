@@ -69,6 +69,16 @@ ImageOption = Annotated[list[str] | None, typer.Option(
     show_default="none")]
 
 
+FastOption = Annotated[bool, typer.Option(
+    "--fast", help="Fast mode: at most 14 denoising steps, the temperature schedule compressed to them "
+                   "(GenerationSettings.fast; benchmarks/README.md measures it).")]
+
+
+def speed_settings(fast: bool) -> dict:
+    """The `GenerationSettings` overrides --fast gives (none without it)."""
+    return dict(fast=True) if fast else {}
+
+
 def settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) -> dict:
     """The `GenerationSettings` overrides the shared options give."""
     if t_min is not None and t_max is not None and t_max <= t_min:
