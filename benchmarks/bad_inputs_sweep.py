@@ -216,6 +216,7 @@ def api_cases(models: dict[str, Path]):
     """(name, callable, fragment the UserError must contain)."""
     from mlx_diffusiongemma import GenerationSettings, generate, generate_step, load, stream_generate
     from mlx_diffusiongemma.chat import ChatSession
+    from mlx_diffusiongemma.convert import convert
 
     model, tok = load(models["base"])
     run = lambda **kw: generate(model, tok, "Hello", **{**dict(max_tokens=8, max_denoising_steps=2, seed=0), **kw})  # noqa: E731
@@ -263,6 +264,12 @@ def api_cases(models: dict[str, Path]):
         ("ChatSession(stop=[''])", lambda: ChatSession(model, tok, stop=[""]), "stop"),
         ("ChatSession on a model without chat template",
          lambda: ChatSession(*load(models["no_chat_template"])), "chat template"),
+        ("load(None)", lambda: load(None), "Hub id"),
+        ("load(123)", lambda: load(123), "Hub id"),
+        ("convert q_bits='4'", lambda: convert(models["base"], models["base"].parent / "api-out", q_bits="4"), "q_bits"),
+        ("convert q_bits=4.0", lambda: convert(models["base"], models["base"].parent / "api-out", q_bits=4.0), "q_bits"),
+        ("convert q_group_size=True",
+         lambda: convert(models["base"], models["base"].parent / "api-out", q_group_size=True), "q_group_size"),
         ("load: corrupt tokenizer.json", lambda: load(models["tok_json_truncated"]), "tokenizer.json"),
         ("load: corrupt tokenizer_config.json", lambda: load(models["tok_config_truncated"]), "tokenizer_config.json"),
         ("load: string t_min in generation_config.json",

@@ -150,11 +150,12 @@ def check_settings(q_bits: int, q_group_size: int, recipe: str, dtype: str | Non
     """Reject quantization settings MLX cannot honour, naming the allowed values."""
     if recipe not in RECIPES:
         raise UserError(f"unknown quantization recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    if q_bits not in BITS:
-        raise UserError(f"q_bits={q_bits} is not supported; choose one of {', '.join(map(str, BITS))}")
-    if q_group_size not in GROUP_SIZES:
+    # `type(...) is int`: "4", 4.0 and True compare or hash like the allowed integers.
+    if type(q_bits) is not int or q_bits not in BITS:
+        raise UserError(f"q_bits={q_bits!r} is not supported; choose one of {', '.join(map(str, BITS))}")
+    if type(q_group_size) is not int or q_group_size not in GROUP_SIZES:
         raise UserError(
-            f"q_group_size={q_group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}"
+            f"q_group_size={q_group_size!r} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}"
         )
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")

@@ -301,6 +301,21 @@ def test_api_token_ids_from_numpy_are_accepted(loaded):
     assert generate(model, tokenizer, np.array(ids), **{**API_FAST, "seed": np.uint64(0)}) == expected
 
 
+@pytest.mark.parametrize("path", [None, 123])
+def test_api_load_of_something_that_is_not_a_path(path):
+    with pytest.raises(UserError, match="directory path or a Hub id"):
+        load(path)
+
+
+@pytest.mark.parametrize("kwargs", [dict(q_bits="4"), dict(q_bits=4.0), dict(q_group_size=True)])
+def test_api_convert_settings_of_the_wrong_type(model_dir, tmp_path, kwargs):
+    from mlx_diffusiongemma.convert import convert
+
+    with pytest.raises(UserError, match="is not supported"):
+        convert(model_dir, tmp_path / "out", **kwargs)
+    assert nothing_left(tmp_path, tmp_path / "out")
+
+
 def test_api_stop_strings(loaded):
     with pytest.raises(UserError, match="stop"):
         ChatSession(*loaded, stop=[""])

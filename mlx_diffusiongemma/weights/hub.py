@@ -27,6 +27,11 @@ def resolve_model_path(
     Anything that looks like a local path is never sent to the Hub, so a typo gives
     "does not exist" instead of a confusing repo-id error.
     """
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise UserError(
+            f"the model must be a directory path or a Hub id (owner/name), got {type(path_or_id).__name__}; "
+            f"pass e.g. ./my-model or {RELEASE_REPO}"
+        )
     text = os.fsdecode(path_or_id)
     if not text.strip():
         raise UserError("no model given (empty path); pass a model directory or a Hub id such as " + RELEASE_REPO)
