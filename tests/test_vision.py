@@ -514,3 +514,27 @@ def test_a_checkpoint_without_a_vision_tower_says_so():
     model = Model(ModelArgs.from_config(tiny_config(CANVAS, vision=False)))
     one_line_error(lambda: prepare_for(model, [picture(8, 8)]), "no vision tower", "vision_config")
     one_line_error(lambda: model.embed_images(small_images(1)), "no vision tower")
+
+
+def test_expanded_prompt_ids_equal_the_reference_processor(chat_model, monkeypatch):
+    # transformers' Gemma4Processor itself, on our test tokenizer (its audio and video
+    # processors need torchvision, so the class check that asks for them is bypassed).
+    from transformers import PreTrainedTokenizerFast, processing_utils
+    from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+
+    path, model, _, ids = chat_model
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(path / "tokenizer.json"), pad_token="<pad>",
+        extra_special_tokens={"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                              "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"})
+    monkeypatch.setattr(processing_utils.ProcessorMixin, "check_argument_for_proper_class", lambda *a: None)
+    proc = Gemma4Processor(feature_extractor=None, image_processor=processor(), tokenizer=tok, video_processor=None)
+    images = [picture(*IMAGES[k], seed=i) for i, k in enumerate(("tall", "rgba", "grayscale"))]
+    text = "Compare <|image|> and <|image|><|image|> now"
+    theirs = proc(text=[text], images=[images], return_tensors="np")
+    prepared = [prepare_image(img, BUDGET, patch_size=PATCH) for img in images]
+    ours = expand_image_tokens(tok.encode(text), prepared, ids["image"], ids["boi"], ids["eoi"])
+    assert ours == theirs["input_ids"][0].tolist()
+    assert [int(t == ids["image"]) for t in ours] == theirs["mm_token_type_ids"][0].tolist()
+    for image, pixels in zip(prepared, theirs["pixel_values"]):
+        assert np.array_equal(image.pixels, pixels[: image.pixels.shape[0]])
