@@ -2,7 +2,8 @@
 
 Where things live: `models/` (the model, its config and caches), `sample.py` (the sampler
 as pure functions), `generate.py` (`generate_step` -> `stream_generate` -> `generate`),
-`prompt_cache.py` and `chat.py` (multi-turn reuse of the encoder cache), `loading.py` and
+`prompt_cache.py` and `chat.py` (multi-turn reuse of the encoder cache), `images.py` (image
+input for the vision tower), `loading.py` and
 `convert.py` (checkpoints in and out, over `weights/`: safetensors, Hub, atomic writes),
 `tuner/` (training), `cli/` (the command line), `ui/` (terminal views), `demos/` (Sudoku).
 """

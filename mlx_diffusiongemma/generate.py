@@ -657,7 +657,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], cache: list |
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int], verbose: bool = False, **settings) -> str:
-    """Generate and return the full committed text."""
+    """Generate and return the full committed text (`settings` as for `stream_generate`,
+    `images` included)."""
     text, last = "", None
     for last in stream_generate(model, tokenizer, prompt, **settings):
         text += last.text
