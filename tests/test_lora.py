@@ -406,5 +406,12 @@ def test_lora_and_fuse_commands_on_the_sudoku_model(tmp_path, capsys):
     assert mx.abs(_logits(fused) - _logits(with_adapter)).max().item() < 1e-4
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(DEFAULT_MODEL), "--adapter-path", str(adapters), "--steps", "2",
+              "--seed", "0", "--json", grid.replace("1", ".")])
+    assert e.value.code == 0 and json.loads(capsys.readouterr().out)["steps"] == [2]
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(DEFAULT_MODEL), "--adapter-path", str(tmp_path), "x"])
+    assert e.value.code == 1 and "adapter_config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         main(["lora", "--model", str(DEFAULT_MODEL), "--data", str(tmp_path / "nowhere")])
     assert e.value.code == 1 and "error: data folder" in capsys.readouterr().err

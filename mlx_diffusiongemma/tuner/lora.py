@@ -224,8 +224,10 @@ def fuse(model, dequantize: bool = False) -> None:
     """Fold every LoRA layer of `model` into its base layer (in place). A quantized base is
     re-quantized with its own bits and group size unless `dequantize`, which also turns
     every other quantized layer into a plain one."""
-    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")
-             and hasattr(m, "lora_a")]
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules()
+             if isinstance(m, (LoRALinear, LoRASwitchLinear))]
     if fused:
         model.update_modules(tree_unflatten(fused))
     if dequantize:
