@@ -168,8 +168,8 @@ def load(path, text_only: bool = True, lazy: bool = False, adapter_path=None):
 
 
 def check_tokenizer_files(model_dir: Path) -> None:
-    """Parse the tokenizer's JSON files that `model_dir` holds; a corrupt one is a UserError
-    naming it."""
+    """Parse the tokenizer's JSON files that `model_dir` holds (each once: the real
+    tokenizer.json is tens of MB); a corrupt one is a UserError naming it."""
     for name in TOKENIZER_JSON_FILES:
         path = model_dir / name
         data = read_json(path, required=False)
@@ -177,19 +177,18 @@ def check_tokenizer_files(model_dir: Path) -> None:
             raise UserError(
                 f"{path} holds a JSON {type(data).__name__}, expected an object; re-download it from the model's repository"
             )
-    tokenizer = read_json(model_dir / "tokenizer.json", required=False)
-    if tokenizer is not None and not isinstance(tokenizer.get("model"), dict):
-        raise UserError(
-            f"{model_dir / 'tokenizer.json'} has no \"model\" object, so it is not a tokenizers file; "
-            "re-download it from the model's repository"
-        )
+        if name == "tokenizer.json" and data is not None and not isinstance(data.get("model"), dict):
+            raise UserError(
+                f"{path} has no \"model\" object, so it is not a tokenizers file; "
+                "re-download it from the model's repository"
+            )
 
 
 def load_tokenizer(model_dir: Path, eos_token_ids: list[int]):
-    """mlx-lm's `TokenizerWrapper` for `model_dir`; any failure of its files is one UserError."""
+    """mlx-lm's `TokenizerWrapper` for `model_dir`; any failure of its files is one UserError.
+    Callers run `check_tokenizer_files` first (`load` and `convert` do, before the weights)."""
     from mlx_lm.tokenizer_utils import load as mlx_lm_load
 
-    check_tokenizer_files(model_dir)
     try:
         tokenizer = mlx_lm_load(model_dir, eos_token_ids=eos_token_ids)
     except Exception as e:  # transformers and tokenizers raise many types for a bad file
