@@ -30,6 +30,8 @@ POOLING_KERNEL = 3
 # at which it only warns).
 MAX_IMAGE_PIXELS = 89_478_485
 _REMOTE = ("http://", "https://", "ftp://", "s3://", "gs://")
+MAX_DOWNLOAD_BYTES = 20_000_000
+DOWNLOAD_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -67,9 +69,13 @@ def aspect_ratio_preserving_size(height: int, width: int, patch_size: int, max_p
     return th, tw
 
 
-def load_image(source):
+def load_image(source, allow_remote: bool = False):
     """A decoded PIL image in RGB from a path, a `data:` URL, a PIL image or a uint8 array
-    ((H, W), (H, W, 1), (H, W, 3) or (H, W, 4)). Every failure is a one-line UserError."""
+    ((H, W), (H, W, 1), (H, W, 3) or (H, W, 4)). Every failure is a one-line UserError.
+
+    http(s) URLs are refused unless `allow_remote` (a server started to fetch them): then
+    at most `MAX_DOWNLOAD_BYTES` are read, within `DOWNLOAD_TIMEOUT` seconds.
+    """
     from PIL import Image
 
     if isinstance(source, Image.Image):
@@ -78,6 +84,8 @@ def load_image(source):
         return _from_array(source)
     if isinstance(source, (str, Path)):
         text = str(source)
+        if text.startswith(("http://", "https://")) and allow_remote:
+            return _open(io.BytesIO(_download(text)), _short(text))
         if text.startswith(_REMOTE):
             raise UserError(f"{_short(text)}: remote images are not fetched; download it and give its path")
         if text.startswith("data:"):
@@ -88,6 +96,26 @@ def load_image(source):
 
 def _short(text: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _download(url: str) -> bytes:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > MAX_DOWNLOAD_BYTES:
+                raise UserError(f"{_short(url)}: {int(declared):,} bytes, over the {MAX_DOWNLOAD_BYTES:,}-byte limit")
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except UserError:
+        raise
+    except Exception as e:  # urllib raises URLError, HTTPError, timeouts, ValueError for bad URLs
+        raise UserError(f"{_short(url)}: cannot fetch the image ({' '.join(str(e).split())})") from None
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise UserError(f"{_short(url)}: over the {MAX_DOWNLOAD_BYTES:,}-byte limit")
+    if not data:
+        raise UserError(f"{_short(url)}: the server sent no bytes, not an image")
+    return data
 
 
 def _data_url_bytes(url: str) -> bytes:

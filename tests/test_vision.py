@@ -538,3 +538,26 @@ def test_expanded_prompt_ids_equal_the_reference_processor(chat_model, monkeypat
     assert [int(t == ids["image"]) for t in ours] == theirs["mm_token_type_ids"][0].tolist()
     for image, pixels in zip(prepared, theirs["pixel_values"]):
         assert np.array_equal(image.pixels, pixels[: image.pixels.shape[0]])
+
+
+def test_remote_images_only_when_allowed(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from mlx_diffusiongemma.images import load_image
+
+    picture(20, 30, seed=3).save(tmp_path / "p.png")
+    (tmp_path / "text.png").write_bytes(b"hello")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        one_line_error(lambda: load_image(f"{url}/p.png"), "remote images are not fetched")
+        assert load_image(f"{url}/p.png", allow_remote=True).size == (30, 20)
+        one_line_error(lambda: load_image(f"{url}/missing.png", allow_remote=True), "cannot fetch", "404")
+        one_line_error(lambda: load_image(f"{url}/text.png", allow_remote=True), "not an image")
+    finally:
+        server.shutdown()
