@@ -18,9 +18,11 @@ field, because dropping them would change what the client gets: `n` > 1, `logpro
 """
 
 import asyncio
+import copy
 import json
 import math
 import queue
+import re
 import secrets
 import threading
 import time
@@ -45,6 +47,9 @@ from .tool_parsing import OutputParser, Parsed
 STATIC_DIR = Path(__file__).parent / "server_static"
 API_KEY_ENV = "MLX_DIFFUSIONGEMMA_API_KEY"
 _OPEN_PATHS = {"/health", "/", "/favicon.ico"}
+# How pydantic names the member of a union in an error's location (`str`, `list[int]`,
+# `function-after[...]`, a model's class name), unlike the snake_case field names.
+_UNION_TAG = re.compile(r"str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*")
 _THINKING_EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True}
 
 
@@ -215,7 +220,9 @@ def thinking_of(req: ChatRequest) -> bool:
 
 class PromptCacheLRU:
     """Encoder caches of recent prompts, bounded in entries and bytes. `take` hands out
-    the one sharing the longest prefix with a prompt (a new one if none shares any)."""
+    the one sharing the longest prefix with a prompt (a new one if none shares any); an
+    entry that would have to step back is forked, so it stays for the prompts that share
+    all of it (a new conversation must not destroy another's cache)."""
 
     def __init__(self, model, keep: int, max_entries: int = 4, max_bytes: int = 2 << 30):
         self.model, self.keep = model, keep
@@ -231,8 +238,21 @@ class PromptCacheLRU:
             n = common_prefix(entry.ids, ids)
             if n > best_len:
                 best, best_len = key, n
-        entry = self.entries.pop(best) if best is not None else PromptCache(self.model, self.keep)
+        if best is None:
+            entry = PromptCache(self.model, self.keep)
+        elif best_len < len(self.entries[best].ids):
+            entry = self._fork(self.entries[best])
+            self.entries.move_to_end(best)
+        else:
+            entry = self.entries.pop(best)
         return entry, entry.reuse(ids)
+
+    def _fork(self, entry: PromptCache) -> PromptCache:
+        # Cache layers replace their arrays on every update and trim (MLX arrays are
+        # immutable), so a shallow copy of each layer is an independent cache.
+        fork = PromptCache(self.model, self.keep)
+        fork.cache, fork.ids = [copy.copy(layer) for layer in entry.cache], list(entry.ids)
+        return fork
 
     def put(self, entry: PromptCache) -> None:
         """Keep `entry` as the most recent; evict the oldest beyond the bounds."""
@@ -785,7 +805,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     # Union members add their type to the location; the field's path is what a client needs.
-    loc = [p for p in loc if not p.startswith(("str", "list[", "int", "dict", "float", "bool", "function-"))]
+    loc = [p for p in loc if not _UNION_TAG.fullmatch(p)]
     param = ".".join(loc) or None
     message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
     return APIError(422, message, param, "invalid_type").response()

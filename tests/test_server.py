@@ -226,6 +226,14 @@ def test_draft_events_stream_each_step_when_asked(server, client):
     ({"messages": USER, "max_tokens": "lots"}, 422, "max_tokens"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages.0.role"),
     ({"messages": USER, "model": "gpt-4o"}, 404, "model"),
+    ({"messages": USER, "stop": 5}, 422, "stop"),
+    ({"messages": USER, "stream": "yes"}, 422, "stream"),
+    ({"messages": USER, "reasoning_effort": "extreme"}, 422, "reasoning_effort"),
+    ({"messages": USER, "chat_template_kwargs": {"enable_thinking": "on"}}, 422,
+     "chat_template_kwargs.enable_thinking"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
+     400, "messages.0.tool_calls"),
     ({"messages": USER, "n": 2}, 400, "n"),
     ({"messages": USER, "logprobs": True}, 400, "logprobs"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format"),
@@ -413,3 +421,38 @@ def test_serve_with_a_missing_model_is_one_line_and_exit_1_and_warns_off_loopbac
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr
     assert "without an API key" in r.stderr
+
+
+def test_the_prompt_cache_lru_hands_out_the_longest_prefix_and_stays_bounded(model_dir):
+    import mlx.core as mx
+
+    from mlx_diffusiongemma import load
+    from mlx_diffusiongemma.server import PromptCacheLRU
+
+    model, _ = load(model_dir)
+    lru = PromptCacheLRU(model, keep=64, max_entries=2)
+
+    def fill(ids):
+        entry, reused = lru.take(ids)
+        model.encode(mx.array([ids[reused:]], dtype=mx.int32), entry.cache)
+        entry.record(ids)
+        lru.put(entry)
+        return reused
+
+    a, b, c = [2, 10, 11, 12, 13], [2, 20, 21, 22], [2, 30, 31]
+    assert [fill(a), fill(b)] == [0, 1]  # b shares only <bos> with a: a is forked, not lost
+    assert fill(a[:4] + [99]) == 4  # the longest shared prefix is reused
+    assert fill(a + [50, 51]) == 5  # a is still whole
+    assert len(lru.entries) == 2  # bounded: the oldest went
+    assert sorted(e.ids[-1] for e in lru.entries.values()) == [51, 99]
+    # A forked entry's cache equals a fresh encoding of the same ids.
+    entry, reused = lru.take(a + [50, 51, 52])
+    assert reused == 7
+    fresh = model.make_cache(keep=64)
+    model.encode(mx.array([a + [50, 51]], dtype=mx.int32), fresh)
+    assert all(mx.array_equal(x.keys, y.keys) for x, y in zip(entry.cache, fresh))
+    lru.put(entry)
+    one = max(e.nbytes for e in lru.entries.values())
+    lru.max_bytes = one
+    fill(c)
+    assert len(lru.entries) == 1 and lru.nbytes <= one
