@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import StopStrings, repair_text
 from .errors import UserError, first_line
-from .generate import GenerationSettings, encode_text, stream_generate
+from .generate import GenerationSettings, check_token_ids, encode_text, stream_generate
 from .prompt_cache import PromptCache, common_prefix
 from .tool_parsing import OutputParser, Parsed
 
@@ -544,6 +544,9 @@ class Server:
             prompt = repair_text(prompt)
         try:
             ids = encode_text(self.engine.tokenizer, prompt)
+            check_token_ids(ids, self.engine.model.args.vocab_size, "the prompt")
+            if not ids:
+                raise UserError("the prompt is empty; give some text or token ids")
         except UserError as e:
             raise APIError(400, str(e), "prompt") from None
         job = self._job(req, ids, req.max_tokens, "prompt")

@@ -252,6 +252,15 @@ def test_bad_requests_get_their_status_and_an_openai_error(server, body, status,
     assert raw(server, "GET", "/health")[0] == 200
 
 
+@pytest.mark.parametrize("prompt", [[2, 10, 999999], [], "   ", ["one", "two"]])
+def test_bad_completion_prompts_are_400_before_any_work(server, prompt):
+    before = server.health()
+    status, _, error = raw(server, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 8})
+    assert status == 400 and error["error"]["param"] == "prompt", error
+    after = server.health()
+    assert (after["generations"], after["errors"]) == (before["generations"], before["errors"])
+
+
 def test_too_long_prompt_is_refused_before_any_work(server):
     before = server.health()
     _, _, error = raw(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 5000}]})
