@@ -9,6 +9,11 @@ server-sent event. A client that goes away cancels its generation at the next de
 step. Encoder caches of recent prompts are kept in a bounded LRU and the longest common
 prefix is reused, reported as `usage.prompt_tokens_details.cached_tokens`.
 
+Chat output goes through `tool_parsing.OutputParser`: thoughts to `reasoning_content`
+(`delta.reasoning_content` when streaming), Gemma 4 calls to `tool_calls` (finish reason
+`tool_calls`), the rest to `content`; an output that ends inside its thought gets
+`"thinking_unfinished": true` on its choice rather than an unexplained empty answer.
+
 Accepted and ignored (no meaning for this sampler): `temperature`, `top_p`, `top_k`,
 `min_p`, `frequency_penalty`, `presence_penalty`, `repetition_penalty`, `user`,
 `parallel_tool_calls`, `metadata`, `store`, `service_tier`. Refused with a 400 naming the
