@@ -15,7 +15,6 @@ import numpy as np
 
 import mlx_diffusiongemma.loading as loading
 from mlx_diffusiongemma import generate_step, load_model
-from mlx_diffusiongemma.sample import sampler_step
 from mlx_diffusiongemma.sharded_sample import sharded_sampler_step
 
 
@@ -60,7 +59,7 @@ def sampler_check(logits: np.ndarray, vocab, inv_t: float, bound: float) -> dict
     B, L, _ = full.shape
     pinned = mx.zeros((B, L), dtype=mx.bool_)
     local = full[..., vocab.start : vocab.stop]
-    scaled, probs, argmax, canvas, accepted, entropy = sharded_sampler_step(
+    _, probs, argmax, canvas, accepted, entropy = sharded_sampler_step(
         local, mx.array(inv_t), mx.array(bound), keys, pinned, vocab)
     sampled = sharded_sampler_step(local, mx.array(inv_t), mx.array(1e9), keys, pinned, vocab)[3]
     return dict(entropy=entropy.tolist(), accepted=accepted.tolist(), argmax=argmax.tolist(),

@@ -198,7 +198,7 @@ def test_failing_rank_ends_the_launch(checkpoints, tmp_path):
     script.write_text(
         "import sys\nimport mlx.core as mx\nfrom mlx_diffusiongemma import load_model\n"
         "model = load_model(sys.argv[1])\n"
-        "if mx.distributed.init().rank() == 1:\n    raise SystemExit('rank 1 fails')\n"
+        "if mx.distributed.init().rank() == 1:\n    raise RuntimeError('rank 1 fails')\n"
         "cache = model.make_cache()\nmodel.encode(mx.array([[5, 6, 7]]), cache)\n"
         "mx.eval(model.denoise(mx.array([[5] * 8]), cache))\nprint('UNREACHABLE', flush=True)\n"
     )

@@ -196,12 +196,14 @@ def make_plan(model, ranks: int, rank: int) -> ShardPlan:
         # gate_up is fused: this rank's gate rows, then its up rows.
         cuts[f"{p}.experts.gate_up_proj"] = Cut("rows", (e, Piece(I + e.start, I + e.stop, e.size)))
         cuts[f"{p}.experts.down_proj"] = Cut("cols", (e,))
+    # The vocabulary needs no padding: every rank's logits reduce to per-position partials.
     V = args.vocab_size
     per = -(-V // ranks)
-    v = Piece(min(rank * per, V), min((rank + 1) * per, V), 0)
-    v = Piece(v.start, v.stop, v.stop - v.start)
-    cuts["model.decoder.embed_tokens"] = Cut("rows", (v,))
-    return ShardPlan(rank, ranks, cuts, heads, (v.start, v.stop))
+    start, stop = min(rank * per, V), min((rank + 1) * per, V)
+    if stop <= start:
+        raise UserError(f"cannot split a vocabulary of {V} tokens across {ranks} ranks")
+    cuts["model.decoder.embed_tokens"] = Cut("rows", (Piece(start, stop, stop - start),))
+    return ShardPlan(rank, ranks, cuts, heads, (start, stop))
 
 
 def array_cut(module: nn.Module, name: str, cut: Cut) -> tuple[int, tuple[Piece, ...]]:
@@ -256,8 +258,6 @@ def apply_plan(model, plan: ShardPlan, group) -> None:
     embed = model.model.decoder.embed_tokens
     if isinstance(embed, nn.QuantizedEmbedding):
         embed.num_embeddings = plan.vocab[1] - plan.vocab[0]
-    if plan.vocab[1] <= plan.vocab[0]:
-        raise UserError(f"cannot split a vocabulary of {model.args.vocab_size} tokens across {plan.size} ranks")
     model.model.decoder.vocab = VocabShard(*plan.vocab, model.args.vocab_size, group)
 
 
