@@ -53,7 +53,8 @@ def ours(args, prompt) -> dict:
     times = timed_steps(lambda: next(steps), args.steps)
     out = dict(prefill_and_first_step_s=first, step_ms=1000 * statistics.median(times),
                peak_gb=mx.get_peak_memory() / 1e9)
-    del model, steps
+    steps.close()
+    del model
     mx.clear_cache()
     return out
 

@@ -22,7 +22,7 @@ from .errors import UserError
 from .models.cache import cache_length
 from .steps import denoise_canvas
 from .models.sharding import broadcast
-from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, temperature
+from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, start_canvas, temperature
 from .sharded_sample import sharded_sampler_step
 
 REFERENCE_DEFAULTS = dict(
@@ -129,11 +129,6 @@ class GenerationSettings:
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < _SEED_RANGE),
                f"seed must be an integer in [0, 2**64), got {self.seed!r}; pick one from 0 to {_SEED_RANGE - 1}",
                "seed")
-        if self.initial_canvas is not None:
-            _check(len(self.initial_canvas) == canvas_length,
-                   f"initial_canvas has {len(self.initial_canvas)} tokens, the model's canvas_length is {canvas_length}")
-            check_token_ids(self.initial_canvas, vocab_size, "initial_canvas")
-        check_token_ids(self.eos_token_ids, vocab_size, "eos_token_ids")
         if self.initial_canvas is not None:
             _check(len(self.initial_canvas) == canvas_length,
                    f"initial_canvas has {len(self.initial_canvas)} tokens, the model's canvas_length is {canvas_length}")
@@ -476,10 +471,7 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
     the key chain's next key, the last event and the step at which each row stopped."""
     L, V = model.args.canvas_length, model.args.vocab_size
     key, noise_key = mx.random.split(key)
-    if s.initial_canvas is not None:
-        canvas = mx.broadcast_to(mx.array(s.initial_canvas, dtype=mx.int32), (B, L))
-    else:
-        canvas = mx.random.randint(0, V, (B, L), dtype=mx.int32, key=noise_key)
+    canvas = start_canvas(s.initial_canvas, (B, L), V, noise_key)
     if pins is not None and pins.all_pinned:
         event = StepEvent(index, 0, pins.tokens, [L] * B, [0.0] * B, prompt_seconds=prompt_seconds)
         yield event

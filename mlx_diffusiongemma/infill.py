@@ -302,7 +302,6 @@ def _search(layout: _Layout, lengths: list[int | None], candidates: Sequence[int
 def _attempt(layout: _Layout, lengths: tuple[int, ...], settings: dict):
     """One generation with these hole lengths; yields its drafts, returns its result."""
     model = layout.model
-    L = model.args.canvas_length
     pinned, spans = layout.plan(lengths)
     total = layout.output_length(lengths)
     s = GenerationSettings.resolve(model, max_tokens=total, pinned=pinned, **settings)

@@ -24,6 +24,14 @@ def accept_mask(token_entropy: mx.array, bound: mx.array) -> mx.array:
     return mx.take_along_axis(accepted_sorted, inverse, axis=-1)
 
 
+def start_canvas(initial: tuple[int, ...] | None, shape: tuple[int, int], vocab_size: int,
+                 key: mx.array) -> mx.array:
+    """A canvas's first state: the given `initial` ids on every row, else uniform noise."""
+    if initial is not None:
+        return mx.broadcast_to(mx.array(initial, dtype=mx.int32), shape)
+    return mx.random.randint(0, vocab_size, shape, dtype=mx.int32, key=key)
+
+
 def renoise(canvas: mx.array, accepted: mx.array, vocab_size: int, key: mx.array) -> mx.array:
     """Keep accepted positions; every other position gets a fresh uniform random token."""
     noise = mx.random.randint(0, vocab_size, canvas.shape, dtype=canvas.dtype, key=key)

@@ -22,7 +22,9 @@ import math
 
 import mlx.core as mx
 
-from .sample import capped_sampler_step, free_mean, pin, renoise, reveal_confident, rows_stable, temperature
+from .sample import (
+    capped_sampler_step, free_mean, pin, renoise, reveal_confident, rows_stable, start_canvas, temperature,
+)
 
 
 def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, B: int, prompt_seconds: float | None):
@@ -33,10 +35,7 @@ def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, B: in
 
     L, V = model.args.canvas_length, model.args.vocab_size
     key, noise_key = mx.random.split(key)
-    if s.initial_canvas is not None:
-        canvas = mx.broadcast_to(mx.array(s.initial_canvas, dtype=mx.int32), (B, L))
-    else:
-        canvas = mx.random.randint(0, V, (B, L), dtype=mx.int32, key=noise_key)
+    canvas = start_canvas(s.initial_canvas, (B, L), V, noise_key)
     if pins is not None and pins.all_pinned:
         event = StepEvent(index, 0, pins.tokens, [L] * B, [0.0] * B, prompt_seconds=prompt_seconds)
         yield event

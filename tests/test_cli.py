@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import mlx_diffusiongemma
 from mlx_diffusiongemma import cli
 from mlx_diffusiongemma.ui.live import PlainView, printable
 from mlx_diffusiongemma.ui.progress import ProgressBar

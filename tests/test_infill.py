@@ -4,7 +4,6 @@ against the transformers reference, bad inputs, and the `infill` / `check` comma
 import json
 import math
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import torch

@@ -15,11 +15,9 @@ from ..errors import UserError
 from ..generate import GenerationResponse, format_stats
 from ..ui.live import LiveView, PlainView
 from .app import EXIT_INTERRUPTED, app
-from .options import FastOption, speed_settings
-from .options import ImageOption
 from .options import (
-    AdapterPathOption, EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption,
-    SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from,
+    AdapterPathOption, EntropyOption, FastOption, ImageOption, MaxTokensOption, ModelOption, SeedOption,
+    StepsOption, StopOption, SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from, speed_settings,
 )
 
 

@@ -17,8 +17,10 @@ import numpy as np
 from ..errors import UserError
 from .cache import FullCache, SlidingCache
 from .config import ModelArgs
+from .layers import RMSNorm, rms_norm
 from .sharding import all_sum, sum_pair
 from .vision import VisionEmbedder, VisionTower
+
 
 @partial(mx.compile, shapeless=True)
 def gelu_tanh_glu(gate: mx.array, up: mx.array) -> mx.array:
@@ -30,21 +32,6 @@ def softcap(logits: mx.array, cap: mx.array) -> mx.array:
     # The reference softcaps in float32 whatever the model dtype.
     logits = logits.astype(mx.float32)
     return mx.tanh(logits / cap) * cap
-
-
-def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
-    # Gemma 4 multiplies by `weight` (not 1 + weight); the fast kernel accumulates in fp32.
-    return mx.fast.rms_norm(x, weight, eps)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):

@@ -19,27 +19,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UserError
+from .layers import RMSNorm, rms_norm
 
 
 def _field(cfg: dict, key: str):
     if key not in cfg:
         raise UserError(f"config.json: field 'vision_config.{key}' is missing; fix config.json or load text-only")
     return cfg[key]
-
-
-def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
-    # Gemma 4 multiplies by `weight` (not 1 + weight), in float32.
-    return mx.fast.rms_norm(x, weight, eps)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class ClippableLinear(nn.Module):
