@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_diffusiongemma import cli
+from mlx_diffusiongemma.cli.generate import _json_report
 from mlx_diffusiongemma.ui.live import PlainView, printable
 from mlx_diffusiongemma.ui.progress import ProgressBar
 from test_chat import tiny_chat_model
@@ -60,6 +61,17 @@ def test_json_is_one_object_with_the_same_text(model_dir):
     forwards = 3 * len(report["steps"])
     assert report["decoder_forwards"] == forwards
     assert report["tokens_per_forward"] == pytest.approx(report["generation_tokens"] / forwards)
+
+
+def test_json_reports_thoughts_and_tool_calls_apart_from_the_answer():
+    text = ('<|channel>thought\nplan it<channel|>Sure.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:2}'
+            '<tool_call|><|tool_call>call:noop{}<tool_call|>')
+    report = json.loads(_json_report(text, None, "stop"))
+    assert report["text"] == text and report["content"] == "Sure." and report["reasoning"] == "plan it"
+    assert report["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}},
+                                    {"name": "noop", "arguments": {}}]
+    plain = json.loads(_json_report("Just text.", None, "stop"))
+    assert (plain["content"], plain["reasoning"], plain["tool_calls"]) == ("Just text.", "", [])
 
 
 def test_stdin_and_prompt_file_accept_bytes_that_are_not_utf8(model_dir, tmp_path):

@@ -13,6 +13,7 @@ from rich.console import Console
 from ..chat import ChatSession, repair_text
 from ..errors import UserError
 from ..generate import GenerationResponse, format_stats
+from ..tool_parsing import parse_output
 from ..ui.live import LiveView, PlainView
 from .app import EXIT_INTERRUPTED, app
 from .options import (
@@ -81,7 +82,11 @@ def _json_report(text: str, r: GenerationResponse | None, finish: str | None) ->
         decoder_forwards=r.decoder_forwards, tokens_per_forward=r.tokens_per_forward,
         peak_memory_gb=r.peak_memory,
     )
-    return json.dumps(dict(text=text, finish_reason=finish, **stats), ensure_ascii=False)
+    # The same split the server makes: thoughts and Gemma 4 tool calls apart from the answer.
+    parsed = parse_output(text)
+    calls = [dict(name=c.name, arguments=c.arguments) for c in parsed.tool_calls]
+    return json.dumps(dict(text=text, content=parsed.content, reasoning=parsed.reasoning, tool_calls=calls,
+                           finish_reason=finish, **stats), ensure_ascii=False)
 
 
 @app.command()
