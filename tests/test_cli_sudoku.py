@@ -15,3 +15,10 @@ def test_sudoku_command_rejects_a_bad_puzzle_in_one_line():
     result = CliRunner().invoke(app, ["sudoku", "--puzzle", "12"])
     assert result.exit_code != 0
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_sudoku_command_pins_the_givens_when_asked():
+    result = CliRunner().invoke(app, ["sudoku", "--blanks", "30", "--seed", "5", "--pin-givens"])
+    assert result.exit_code == 0, result.output
+    assert "givens pinned" in result.output and result.output.rstrip().endswith("solved")
+    assert "givens pinned" not in CliRunner().invoke(app, ["sudoku", "--blanks", "30", "--seed", "5"]).output

@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 
 from ..demos.sudoku import puzzles
+from ..demos.sudoku.solver import PIN_GIVENS
 from ..errors import UserError
 from .app import app
 from .options import seed_option
@@ -30,6 +31,9 @@ def sudoku(
         callback=seed_option, help="Seed of the denoising sampler, 0 to 2**64-1.")] = 0,
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="A Sudoku model directory.", show_default="the one shipped in the package")] = None,
+    pin_givens: Annotated[bool, typer.Option(
+        help="Hold the given digits at their answer positions from the first step "
+             "(pinned canvas positions) instead of letting the model copy them.")] = PIN_GIVENS,
 ):
     """Solve a Sudoku with the small DiffusionGemma shipped in the package, watching the grid resolve.
 
@@ -49,7 +53,7 @@ def sudoku(
         raise UserError("this puzzle has no solution (its givens conflict); check the puzzle")
     model, tokenizer = load_solver(model)
     check_chat_template(tokenizer)  # the puzzle is a chat turn
-    answer = show_solve(grid, model, tokenizer, console, console.is_terminal, seed=sampler_seed)
+    answer = show_solve(grid, model, tokenizer, console, console.is_terminal, pin_givens, seed=sampler_seed)
     solved = puzzles.is_solved(answer, grid)
     console.print("solved" if solved else "not solved", style="bold green" if solved else "bold red")
     if not solved:

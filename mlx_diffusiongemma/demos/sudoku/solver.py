@@ -168,7 +168,8 @@ def show_solve(puzzle: str, model, tokenizer, console: Console, live: bool, pin_
         console.print(render_grid(puzzle, draft_cells(text), pin_givens))
     if last is not None:
         console.print(
-            f"{last.steps_per_canvas:.0f} denoising steps, {last.tokens_per_forward:.1f} tokens per forward",
+            f"{last.steps_per_canvas:.0f} denoising steps, {last.tokens_per_forward:.1f} tokens per forward"
+            + (", givens pinned" if pin_givens else ""),
             style="dim",
         )
     return answer
