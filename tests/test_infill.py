@@ -77,6 +77,20 @@ def test_fully_pinned_canvas_is_committed_without_a_forward(tiny, monkeypatch):
     assert len(calls) == sum(1 for e in events if e.committed is None and e.canvas == 0)
 
 
+@pytest.mark.parametrize("speed", [dict(fast=True), dict(sampler="confidence", threshold=0.5),
+                                   dict(self_conditioning_top_k=4)])
+def test_pins_hold_in_the_fast_mode_and_its_levers(tiny, speed):
+    _, model, _, _ = tiny
+    pinned = {0: 300, 5: 301, 9: 302, 15: 303}
+    events = list(generate_step(model, [2, 10, 11], max_tokens=16, pinned=pinned, eos_token_ids=[], seed=1, **speed))
+    out = committed_tokens(events)
+    assert len(out) == 16 and all(out[p] == t for p, t in pinned.items())
+    for e in events:  # every draft holds the pins of its canvas
+        if e.committed is None:
+            draft = e.argmax.tolist()
+            assert all(draft[p - CANVAS * e.canvas] == t for p, t in pinned.items() if p // CANVAS == e.canvas)
+
+
 def test_pins_hold_over_an_initial_canvas(tiny):
     _, model, _, _ = tiny
     pinned = {2: 300, 6: 301}
