@@ -6,6 +6,8 @@ a span in place, and scoring every token of an existing text in one pass.
   at its output positions, followed by a pinned end token, so the model writes only the
   holes while seeing what comes after them. A hole has the length the caller gives, or
   the model chooses among candidate lengths the one whose result it scores best.
+- `plan_fill`: the same layout for one hole between a prefix and a suffix, for callers
+  that run the generation themselves (the server's fill-in-the-middle completions).
 - `edit`: `text[start:end]` regenerated in place (optionally following an instruction).
 - `check`: one bidirectional decoder forward per canvas-length block (the text before the
   block in the encoder cache), giving each token's surprise -log p.
@@ -272,6 +274,32 @@ def edit(model, tokenizer, text: str, start: int, end: int, instruction: str | N
     for result in _search(layout, _resolve_lengths(length, [None]), around, settings):
         pass
     return result
+
+
+@dataclass
+class FillPlan:
+    """One hole of `hole` tokens between a prefix and a suffix, laid out as `infill` lays
+    out `prefix<fill>N</fill>suffix` (raw text): `prompt` is BOS + the prefix, `pinned`
+    holds the `suffix` ids from output position `hole` on and the end token after them,
+    and `output_length` counts every output position, the end token included."""
+
+    prompt: list[int]
+    pinned: dict[int, int]
+    hole: int
+    suffix: list[int]
+    output_length: int
+
+
+def plan_fill(model, tokenizer, prefix: str, suffix: str, length: int) -> FillPlan:
+    """The layout for `length` tokens written between `prefix` and `suffix`; generate with
+    `max_tokens=plan.output_length, pinned=plan.pinned` after `plan.prompt`. The context
+    is not checked here (generation checks it; a server names the field first)."""
+    (length,) = _resolve_lengths(length, [None])
+    if length is None:
+        raise UserError("a fill needs a hole length in tokens")
+    layout = _Layout(model, tokenizer, [prefix, suffix], None)
+    pinned, _ = layout.plan((length,))
+    return FillPlan(layout.prompt, pinned, length, layout.pinned_ids[0], layout.output_length((length,)))
 
 
 def _search(layout: _Layout, lengths: list[int | None], candidates: Sequence[int], settings: dict):

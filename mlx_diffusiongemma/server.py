@@ -14,12 +14,27 @@ Chat output goes through `tool_parsing.OutputParser`: thoughts to `reasoning_con
 `tool_calls`), the rest to `content`; an output that ends inside its thought gets
 `"thinking_unfinished": true` on its choice rather than an unexplained empty answer.
 
+Fill-in-the-middle: `/v1/completions` with `suffix` (what Continue-style autocomplete
+sends: `prompt` before the cursor, `suffix` after it) is laid out as `infill` lays out a
+hole (`infill.plan_fill`): the prompt text is the prefix, the hole is exactly `max_tokens`
+tokens long (the model cannot end it early; there is no length search), and the suffix's
+tokens and an end token are pinned after it. `text` is what the model wrote in the hole
+only, so prompt + text + suffix is the filled document; the answer ends when the hole is
+written (finish reason `stop`). `usage.prompt_tokens` counts the prefix (with BOS) and the
+suffix, `completion_tokens` the hole. A token-id prompt cannot take a suffix.
+
+Pinned positions (an extension on both endpoints): `"pinned": {"0": 1234, "5": 99}` maps
+output positions (0 = the first generated token) to token ids that the sampler holds there
+(`GenerationSettings.pinned`); positions are below `max_tokens`, ids in the vocabulary,
+else a 400 with `param: "pinned"`. With a suffix they are positions in the hole, and an
+end-of-text id among them is refused (it would cut the suffix off).
+
 Accepted and ignored (no meaning for this sampler): `temperature`, `top_p`, `top_k`,
 `min_p`, `frequency_penalty`, `presence_penalty`, `repetition_penalty`, `user`,
 `parallel_tool_calls`, `metadata`, `store`, `service_tier`. Refused with a 400 naming the
 field, because dropping them would change what the client gets: `n` > 1, `logprobs`,
-`top_logprobs`, `logit_bias`, `response_format` other than text, `echo`, `suffix`,
-`best_of` > 1, and a `tool_choice` that forces a call.
+`top_logprobs`, `logit_bias`, `response_format` other than text, `echo`, `best_of` > 1,
+and a `tool_choice` that forces a call.
 """
 
 import asyncio
@@ -45,7 +60,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import StopStrings, repair_text
 from .errors import UserError, first_line
-from .generate import GenerationSettings, check_token_ids, encode_text, stream_generate
+from .generate import (
+    CommittedText,
+    GenerationSettings,
+    check_token_ids,
+    encode_text,
+    stream_generate,
+)
+from .infill import FillPlan, plan_fill
 from .prompt_cache import PromptCache, common_prefix
 from .tool_parsing import OutputParser, Parsed
 
@@ -95,6 +117,7 @@ class _Request(BaseModel):
     t_max: float | None = None
     entropy_bound: float | None = None
     stream_drafts: bool = False
+    pinned: dict | None = None
 
 
 class ContentPart(BaseModel):
@@ -148,8 +171,6 @@ def _refuse_unsupported(req: _Request) -> None:
     if isinstance(req, CompletionRequest):
         if req.echo:
             raise APIError(400, "echo is not supported", "echo")
-        if req.suffix:
-            raise APIError(400, "suffix (infilling) is not supported by this server", "suffix")
         if req.best_of not in (None, 1):
             raise APIError(400, "best_of > 1 is not supported", "best_of")
 
@@ -282,6 +303,7 @@ class Job:
     stops: list[str]
     drafts: bool
     loop: asyncio.AbstractEventLoop
+    fill: FillPlan | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0
@@ -350,7 +372,8 @@ class Engine:
             job.send("done", finish_reason="cancelled", usage=None)
             return
         entry, reused = self.caches.take(job.ids)
-        run = _Run(job, reused)
+        hole = _HoleText(self.tokenizer, job.fill, self.model.args) if job.fill else None
+        run = _Run(job, reused, hole)
         stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
                                  settings=job.settings)
         try:
@@ -374,8 +397,8 @@ class _Run:
     """Tracks one job's stream: deltas cut at stop strings, drafts, and what the encoder
     cache holds (the prompt and every committed canvas but the last)."""
 
-    def __init__(self, job: Job, reused: int):
-        self.job, self.reused = job, reused
+    def __init__(self, job: Job, reused: int, hole: "_HoleText | None" = None):
+        self.job, self.reused, self.hole = job, reused, hole
         self.stops = StopStrings(job.stops)
         self.canvases: list[list[int]] = []
         self.events, self.current, self.tokens = 0, 0, 0
@@ -388,16 +411,27 @@ class _Run:
                 return "cancelled"
             if r.committed is None:
                 if self.job.drafts:
-                    self.job.send("draft", canvas=r.canvas, step=r.step, text=self.stops.cut(r.draft))
+                    draft = r.draft if self.hole is None else self.hole.draft(r.canvas, r.draft)
+                    self.job.send("draft", canvas=r.canvas, step=r.step, text=self.stops.cut(draft))
                 continue
             self.canvases.append(list(r.committed))
-            self.tokens = r.generation_tokens
-            delta, hit = self.stops.feed(r.text, final=r.finish_reason is not None)
-            final = hit or r.finish_reason is not None
+            text, filled = self._text(r)
+            delta, hit = self.stops.feed(text, final=filled or r.finish_reason is not None)
+            final = hit or filled or r.finish_reason is not None
             self.job.send("delta", text=delta, final=final)
             if final:
-                return "stop" if hit else r.finish_reason
+                return "stop" if hit or filled else r.finish_reason
         return "stop"
+
+    def _text(self, r) -> tuple[str, bool]:
+        """A committed canvas's text and whether a fill's hole is now complete: the answer
+        ends there, as the pinned suffix after it is the client's own text."""
+        if self.hole is None:
+            self.tokens = r.generation_tokens
+            return r.text, False
+        text, filled = self.hole.commit(r.committed)
+        self.tokens = self.hole.tokens
+        return text, filled
 
     def cached_ids(self) -> list[int]:
         if not self.events:
@@ -405,10 +439,37 @@ class _Run:
         return self.job.ids + [t for c in self.canvases[: self.current] for t in c]
 
     def usage(self) -> dict:
-        prompt = len(self.job.ids)
+        # A fill's suffix is input the client sent and the model read, not written output.
+        prompt = len(self.job.ids) + (len(self.job.fill.suffix) if self.job.fill else 0)
         return {"prompt_tokens": prompt, "completion_tokens": self.tokens,
                 "total_tokens": prompt + self.tokens,
                 "prompt_tokens_details": {"cached_tokens": self.reused}}
+
+
+class _HoleText:
+    """A fill-in-the-middle answer: what the model wrote in the hole (the output positions
+    before the pinned suffix), as one delta per committed canvas."""
+
+    def __init__(self, tokenizer, plan: FillPlan, args):
+        self.tokenizer, self.plan = tokenizer, plan
+        self.canvas_length, self.pad = args.canvas_length, args.pad_token_id
+        self.text = CommittedText(tokenizer, set(args.eos_token_ids), args.pad_token_id)
+        self.written = self.tokens = 0
+
+    def commit(self, committed: list[int]) -> tuple[str, bool]:
+        """The text delta of one committed canvas and whether the hole is complete."""
+        part = committed[: self.plan.hole - self.written]
+        self.written += len(part)
+        self.tokens += sum(t != self.pad for t in part)
+        filled = self.written >= self.plan.hole
+        return self.text.commit(part, final=filled), filled
+
+    def draft(self, canvas: int, text: str) -> str:
+        """A step's draft of one canvas without the suffix tokens it holds (pinned, so the
+        draft ends with their text at every step)."""
+        hole, start = self.plan.hole, canvas * self.canvas_length
+        a, b = max(start, hole), min(start + self.canvas_length, hole + len(self.plan.suffix))
+        return text.removesuffix(self.tokenizer.decode(self.plan.suffix[a - hole : b - hole])) if b > a else text
 
 
 # ---------------------------------------------------------------------------- the app
@@ -547,6 +608,9 @@ class Server:
             prompt = prompt[0]
         if isinstance(prompt, str):
             prompt = repair_text(prompt)
+        if req.suffix:
+            job = self._fill_job(req, prompt)
+            return await self._answer(req, request, job, CompletionFormat(self.model_id, req))
         try:
             ids = encode_text(self.engine.tokenizer, prompt)
             check_token_ids(ids, self.engine.model.args.vocab_size, "the prompt")
@@ -576,20 +640,48 @@ class Server:
         return [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
 
     def _job(self, req: _Request, ids: list[int], max_tokens, prompt_field: str) -> Job:
+        settings = self._settings(req, max_tokens)
+        self._check_context(len(ids), settings.max_tokens, prompt_field,
+                            f"the prompt ({len(ids)} tokens) and max_tokens={settings.max_tokens}")
+        return Job(ids, settings, _stops(req.stop), req.stream and req.stream_drafts, asyncio.get_running_loop())
+
+    def _fill_job(self, req: CompletionRequest, prefix) -> Job:
+        """Fill-in-the-middle: the prompt is the text before a hole of max_tokens tokens,
+        the suffix is pinned after it (see `infill.plan_fill`)."""
+        if not isinstance(prefix, str):
+            raise APIError(400, "suffix needs the prompt as text (the text before the hole), not token ids", "suffix")
+        settings = self._settings(req, req.max_tokens)  # the hole's length; pins must lie in it
         model = self.engine.model
         try:
-            settings = GenerationSettings.resolve(
-                model, max_tokens=max_tokens, seed=req.seed, max_denoising_steps=req.max_denoising_steps,
-                t_min=req.t_min, t_max=req.t_max, entropy_bound=req.entropy_bound)
+            plan = plan_fill(model, self.engine.tokenizer, prefix, repair_text(req.suffix), settings.max_tokens)
+        except UserError as e:
+            raise APIError(400, str(e), "prompt") from None
+        n, s = len(plan.prompt), len(plan.suffix)
+        self._check_context(n, plan.hole, "prompt", f"the prompt ({n} tokens) and max_tokens={plan.hole}")
+        self._check_context(n, plan.output_length, "suffix", f"the prompt ({n} tokens), a hole of "
+                            f"max_tokens={plan.hole} and the suffix ({s} tokens and an end token)")
+        eos = set(settings.eos_token_ids)
+        if any(t in eos for _, t in settings.pinned):
+            raise APIError(400, "pinned: an end-of-text token inside the hole would cut the suffix off", "pinned")
+        settings = settings.updated(max_tokens=plan.output_length, pinned={**dict(settings.pinned), **plan.pinned})
+        return Job(plan.prompt, settings, _stops(req.stop), req.stream and req.stream_drafts,
+                   asyncio.get_running_loop(), fill=plan)
+
+    def _settings(self, req: _Request, max_tokens) -> GenerationSettings:
+        try:
+            return GenerationSettings.resolve(
+                self.engine.model, max_tokens=max_tokens, seed=req.seed, max_denoising_steps=req.max_denoising_steps,
+                t_min=req.t_min, t_max=req.t_max, entropy_bound=req.entropy_bound, pinned=_pinned_of(req.pinned))
         except UserError as e:
             raise APIError(400, str(e), _setting_param(str(e))) from None
-        args = model.args
-        need = len(ids) + math.ceil(settings.max_tokens / args.canvas_length) * args.canvas_length
+
+    def _check_context(self, prompt_tokens: int, output_tokens: int, param: str, what: str) -> None:
+        args = self.engine.model.args
+        # Whole canvases are written, so the output counts in canvases.
+        need = prompt_tokens + math.ceil(output_tokens / args.canvas_length) * args.canvas_length
         if need > args.max_position_embeddings:
-            raise APIError(400, f"the prompt ({len(ids)} tokens) and max_tokens={settings.max_tokens} (written as "
-                           f"whole canvases) need {need} tokens, over the model's context of "
-                           f"{args.max_position_embeddings}", prompt_field, "context_length_exceeded")
-        return Job(ids, settings, _stops(req.stop), req.stream and req.stream_drafts, asyncio.get_running_loop())
+            raise APIError(400, f"{what} (written as whole canvases) need {need} tokens, over the model's "
+                           f"context of {args.max_position_embeddings}", param, "context_length_exceeded")
 
     def _admit(self, job: Job) -> None:
         # Runs on the event loop, so the counter needs no lock.
@@ -681,6 +773,17 @@ class Server:
         yield "data: [DONE]\n\n"
 
 
+def _pinned_of(pinned: dict | None) -> dict | None:
+    """The `pinned` extension as `GenerationSettings` takes it: JSON object keys are
+    strings, so a key of digits is a position; anything else is left for its check."""
+    if not pinned:
+        return None
+    out = {int(k) if isinstance(k, str) and re.fullmatch(r"-?[0-9]+", k) else k: v for k, v in pinned.items()}
+    if len(out) != len(pinned):
+        raise APIError(400, "pinned names one position twice (as keys like \"7\" and \"07\")", "pinned")
+    return out
+
+
 def _sse(data: dict, event: str | None = None) -> str:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -688,7 +791,7 @@ def _sse(data: dict, event: str | None = None) -> str:
 
 def _setting_param(message: str) -> str | None:
     """The request field a settings error names first."""
-    names = ("max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "seed")
+    names = ("max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "seed", "pinned")
     found = [(message.find(n), n) for n in names if n in message]
     return min(found)[1] if found else None
 
