@@ -136,10 +136,17 @@ class _Layout:
         pinned[p] = self.end
         return pinned, spans
 
+    def needed(self, lengths: Sequence[int]) -> int:
+        """Context positions these hole lengths take, in whole canvases after the prompt."""
+        L = self.model.args.canvas_length
+        return len(self.prompt) + math.ceil(self.output_length(lengths) / L) * L
+
+    def fits(self, lengths: Sequence[int]) -> bool:
+        return self.needed(lengths) <= self.model.args.max_position_embeddings
+
     def check_context(self, lengths: Sequence[int]) -> None:
         args = self.model.args
-        out = self.output_length(lengths)
-        need = len(self.prompt) + math.ceil(out / args.canvas_length) * args.canvas_length
+        need = self.needed(lengths)
         if need > args.max_position_embeddings:
             raise UserError(
                 f"the prompt ({len(self.prompt)} tokens) and the rest of the text with holes of "
@@ -311,15 +318,18 @@ def _search(layout: _Layout, lengths: list[int | None], candidates: Sequence[int
     if not candidates or candidates[0] <= 0:
         raise UserError(f"candidate lengths must be whole numbers > 0, got {candidates!r}")
     unknown = [i for i, n in enumerate(lengths) if n is None]
-    middle = candidates[len(candidates) // 2]
-    best_lengths = tuple(middle if n is None else n for n in lengths)
+    # Start from the middle candidate, or the longest one that fits the context below it.
+    fitting = [c for c in candidates[: len(candidates) // 2 + 1]
+               if layout.fits(tuple(c if n is None else n for n in lengths))] or candidates[:1]
+    best_lengths = tuple(fitting[-1] if n is None else n for n in lengths)
     layout.check_context(best_lengths)
     tried: dict[tuple[int, ...], InfillResult] = {}
     for i in unknown or [None]:
         options = [best_lengths] if i is None else [best_lengths[:i] + (c,) + best_lengths[i + 1 :] for c in candidates]
+        # A candidate too long for the context is skipped; best_lengths always fits.
+        options = [o for o in options if layout.fits(o)]
         for option in options:
             if option not in tried:
-                layout.check_context(option)
                 tried[option] = yield from _attempt(layout, option, settings)
         best_lengths = min(options, key=lambda o: tried[o].score)
     best = tried[best_lengths]

@@ -294,6 +294,18 @@ def one_line_error(fn, fragment):
     assert "\n" not in str(e.value)
 
 
+def test_length_search_skips_candidates_too_long_for_the_context(tiny):
+    _, model, tokenizer, _ = tiny
+    per_word = len(tokenizer.encode("word " * 100, add_special_tokens=False)) / 100
+    prefix = "word " * int((model.args.max_position_embeddings - 30) / per_word)
+    n = len(tokenizer.encode(prefix, add_special_tokens=False)) + 1  # BOS
+    room = model.args.max_position_embeddings - n  # whole canvases: the hole, " b" and the end token
+    fits = [c for c in (2, 4, 8, 16, 32, 64) if -(-(c + 2) // CANVAS) * CANVAS <= room]
+    assert 0 < len(fits) < 6, "the prefix should leave room for some candidates only"
+    r = infill(model, tokenizer, prefix + "<fill></fill> b", **FAST)
+    assert r.lengths[0] in fits and r.text.startswith(prefix) and r.text.endswith(" b")
+
+
 def test_other_bad_inputs_are_one_line_errors(tiny):
     _, model, tokenizer, _ = tiny
     one_line_error(lambda: infill(model, tokenizer, "a <fill>5000</fill> b"), "context of 4096")
