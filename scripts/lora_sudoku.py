@@ -1,15 +1,18 @@
-"""LoRA fine-tune of the shipped Sudoku model on 50-blank puzzles, from a fixed seed.
+"""LoRA fine-tune of the Sudoku base model on 50-blank puzzles, from a fixed seed: the
+model shipped in `mlx_diffusiongemma/demos/sudoku/model` is its output.
 
-The shipped model (`mlx_diffusiongemma/demos/sudoku/model`, trained by train_sudoku.py on
-20-54 blanks) solves about 1% of 50-blank puzzles. This script writes a data folder in
-mlx-lm's chat format (generated puzzles with unique solutions, relabelled by Sudoku
-symmetries; most at 50 blanks, some easier ones replayed so that 30 and 40 blanks are kept),
-trains a LoRA adapter with the block-diffusion objective through the package's own
-fine-tuning code, and fuses it into a float32 model directory for benchmarks/sudoku_eval.py.
+The base (`scripts/sudoku_base`, trained by train_sudoku.py on 20-54 blanks) solves about
+1% of 50-blank puzzles. This script writes a data folder in mlx-lm's chat format
+(generated puzzles with unique solutions, relabelled by Sudoku symmetries; most at 50
+blanks, some easier ones replayed so that 30 and 40 blanks are kept), trains a LoRA
+adapter with the block-diffusion objective through the package's own fine-tuning code,
+fuses it into a float32 model directory (OUT/fused), and ships it: fused into the 4-bit
+base and re-quantized with its bits per layer (as `mlx-diffusiongemma fuse` writes it),
+copied into the package (skip with --no-ship).
 
 Training runs on the 4-bit weights dequantized to float32: the same values (so the
-adapter applies to the shipped 4-bit model unchanged), on this CPU's fast float32 GEMM
-instead of MLX's slow quantized kernels.
+adapter applies to the 4-bit base unchanged), on this CPU's fast float32 GEMM instead of
+MLX's slow quantized kernels.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         OPENBLAS_NUM_THREADS=1 python scripts/lora_sudoku.py --out runs/lora_sudoku
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_sudoku as base  # noqa: E402  (augmentation helpers of the training script)
 
 from mlx_diffusiongemma.demos.sudoku import puzzles as sudoku  # noqa: E402
-from mlx_diffusiongemma.demos.sudoku.solver import DEFAULT_MODEL  # noqa: E402
+from mlx_diffusiongemma.demos.sudoku.solver import DEFAULT_MODEL  # noqa: E402  (where the result ships)
 from mlx_diffusiongemma.loading import load  # noqa: E402
 from mlx_diffusiongemma.tuner import lora  # noqa: E402
 from mlx_diffusiongemma.tuner.datasets import load_dataset  # noqa: E402
@@ -69,7 +72,7 @@ def write_data(out: Path, n_train: int, pool_size: int, replay: float, n_valid: 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/lora_sudoku"))
-    p.add_argument("--iters", type=int, default=900)
+    p.add_argument("--iters", type=int, default=1600)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=32)
@@ -79,8 +82,9 @@ def parse_args():
     p.add_argument("--replay", type=float, default=0.25, help="share of easier (30-45 blank) examples")
     p.add_argument("--noise-exponent", type=float, default=0.5)
     p.add_argument("--self-conditioning-rate", type=float, default=0.8)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--steps-per-eval", type=int, default=300)
+    p.add_argument("--save-every", type=int, default=400)
+    p.add_argument("--steps-per-eval", type=int, default=400)
+    p.add_argument("--no-ship", action="store_true", help="leave the package's model as it is")
     return p.parse_args()
 
 
@@ -90,7 +94,7 @@ def main():
     tic = time.perf_counter()
     data = write_data(out, args.iters * args.batch_size, args.pool_size, args.replay, 64, SEED)
     print(f"wrote {data} in {time.perf_counter() - tic:.0f}s", flush=True)
-    model, tokenizer = load(DEFAULT_MODEL)
+    model, tokenizer = load(base.BASE_MODEL)
     from mlx_lm.utils import dequantize_model
 
     dequantize_model(model)
@@ -109,7 +113,7 @@ def main():
         objective=ObjectiveArgs(noise_exponent=args.noise_exponent,
                                 self_conditioning_rate=args.self_conditioning_rate),
     )
-    config = lora.adapter_config(model, -1, params, dict(model=str(DEFAULT_MODEL), seed=SEED, iters=args.iters,
+    config = lora.adapter_config(model, -1, params, dict(model=str(base.BASE_MODEL), seed=SEED, iters=args.iters,
                                                          batch_size=args.batch_size, learning_rate=args.learning_rate))
     start = time.perf_counter()
     train_lora(model, sets["train"], sets["valid"], targs,
@@ -120,8 +124,18 @@ def main():
     print(f"trained {args.iters} iterations in {seconds:.0f}s ({args.iters / seconds:.3f} it/s); "
           f"adapter {size / 1e6:.2f} MB", flush=True)
     lora.fuse(model, dequantize=True)
-    fused = lora.save_model(model, DEFAULT_MODEL, out / "fused", overwrite=True)
+    fused = lora.save_model(model, base.BASE_MODEL, out / "fused", overwrite=True)
     print(f"fused float32 model in {fused}", flush=True)
+    if not args.no_ship:
+        ship(out / "adapters")
+
+
+def ship(adapters: Path) -> None:
+    """The adapter fused into the 4-bit base, re-quantized, as the package's model."""
+    model, _ = load(base.BASE_MODEL, adapter_path=adapters)
+    lora.fuse(model, dequantize=False)
+    shipped = lora.save_model(model, base.BASE_MODEL, DEFAULT_MODEL, overwrite=True)
+    print(f"shipped {sum(f.stat().st_size for f in shipped.iterdir()) / 1e6:.1f} MB to {shipped}", flush=True)
 
 
 if __name__ == "__main__":

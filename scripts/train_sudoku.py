@@ -1,15 +1,16 @@
-"""Train the small Sudoku DiffusionGemma shipped in `mlx_diffusiongemma/demos/sudoku/model/`.
+"""Train the base of the small Sudoku DiffusionGemma: `scripts/sudoku_base/`, which
+`lora_sudoku.py` fine-tunes into the model shipped in `mlx_diffusiongemma/demos/sudoku/model/`.
 
 From a fixed seed: build the tokenizer, the config and a pool of generated puzzles;
 train with the block-diffusion objective on augmented puzzles (digit relabelling, band,
 stack, row and column shuffles, transposition, revealing cells for easier puzzles);
 save the model in the released Hugging Face layout; convert it with the project's
-converter (default 4-bit recipe) and copy the converted model into the package.
+converter (default 4-bit recipe) and copy the converted model to `scripts/sudoku_base/`.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         OPENBLAS_NUM_THREADS=1 python scripts/train_sudoku.py --out runs/sudoku
 
-(the shipped weights came from this command: 55 min on the 2-core machine while a second
+(the base weights came from this command: 55 min on the 2-core machine while a second
 training run shared it.)
 """
 
@@ -38,7 +39,7 @@ MIN_BLANKS = 20
 CANVAS = 90
 VOCAB = 512
 EXTRA_TOKENS = ["user", "model", "thought"]
-ASSETS = Path(__file__).resolve().parents[1] / "mlx_diffusiongemma" / "demos" / "sudoku" / "model"
+BASE_MODEL = Path(__file__).resolve().parent / "sudoku_base"
 
 SLIDING_THETA = (10 / (2 * math.pi)) ** 16  # about 1694.8; frequency k is theta ** (-k / 32)
 # Full layers rotate 16 of 64 frequency pairs, theta ** (-k / 64): frequency 2 is 2*pi/10 too.
@@ -220,17 +221,17 @@ def save_hf(model: Model, out: Path, tokenizer_dir: Path) -> Path:
 
 
 def ship(hf_dir: Path, out: Path) -> None:
-    """Convert with the project's converter (default recipe) and copy into the package."""
+    """Convert with the project's converter (default recipe) and copy to BASE_MODEL."""
     from mlx_diffusiongemma.convert import convert
 
     converted = out / "mlx-4bit"
     if converted.exists():
         shutil.rmtree(converted)
     convert(str(hf_dir), str(converted), quantize=True)
-    if ASSETS.exists():
-        shutil.rmtree(ASSETS)
-    shutil.copytree(converted, ASSETS)
-    print(f"shipped {sum(f.stat().st_size for f in ASSETS.iterdir()) / 1e6:.1f} MB to {ASSETS}")
+    if BASE_MODEL.exists():
+        shutil.rmtree(BASE_MODEL)
+    shutil.copytree(converted, BASE_MODEL)
+    print(f"wrote {sum(f.stat().st_size for f in BASE_MODEL.iterdir()) / 1e6:.1f} MB to {BASE_MODEL}")
 
 
 def parse_args():
@@ -251,7 +252,7 @@ def parse_args():
     parser.add_argument("--save-every", type=int, default=250)
     # On CPU, uncompiled training with per-expert GEMMs is ~10% faster than compiled gather_mm.
     parser.add_argument("--compile", action="store_true", help="compile the training step (faster on GPU)")
-    parser.add_argument("--no-ship", action="store_true", help="skip conversion and copying into the package")
+    parser.add_argument("--no-ship", action="store_true", help="skip conversion and copying to scripts/sudoku_base")
     parser.add_argument("--ship-only", action="store_true",
                         help="skip training: refresh OUT/hf/generation_config.json, convert and ship OUT/hf")
     return parser.parse_args()
