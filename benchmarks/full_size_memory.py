@@ -41,16 +41,23 @@ from mlx_diffusiongemma.weights.safetensors import TensorInfo
 PROMPT, CANVAS = 64, 256
 
 
-def quantized_skeleton(layers: int | None = None) -> Model:
+def quantized_skeleton(layers: int | None = None, layer_types: list[str] | None = None,
+                       vocab_size: int | None = None) -> Model:
     """The text-only model with the layers the default recipe quantizes swapped for quantized
     ones, decided by the converter's plan; nothing is evaluated yet. `layers` keeps only
-    the last that many layers of the released pattern."""
+    the last that many layers of the released pattern, `layer_types` sets the pattern
+    outright; `vocab_size` shrinks the vocabulary (for per-layer measurements, which do
+    not depend on it)."""
     config = json.loads((RELEASE / "config.json").read_text())
     generation = json.loads((RELEASE / "generation_config.json").read_text())
+    text = config["text_config"]
     if layers:
-        text = config["text_config"]
-        text["layer_types"] = text["layer_types"][-layers:]
-        text["num_hidden_layers"] = layers
+        layer_types = text["layer_types"][-layers:]
+    if layer_types:
+        text["layer_types"] = list(layer_types)
+        text["num_hidden_layers"] = len(layer_types)
+    if vocab_size:
+        text["vocab_size"] = vocab_size
     model = Model(ModelArgs.from_config(config, generation), text_only=True)
     infos = {
         name: TensorInfo(name, "BF16", shape, RELEASE / "none", 0, 2 * math.prod(shape))
@@ -75,8 +82,8 @@ def fill_random(module: nn.Module, dtype: mx.Dtype) -> None:
     module.update(floats)
 
 
-def build(layers: int | None, dtype: mx.Dtype) -> Model:
-    model = quantized_skeleton(layers)
+def build(layers: int | None, dtype: mx.Dtype, **skeleton) -> Model:
+    model = quantized_skeleton(layers, **skeleton)
     decoder = model.model.decoder
     parts = [decoder.embed_tokens, decoder.norm, decoder.self_conditioning, model.model.encoder, *decoder.layers]
     for part in parts:
