@@ -18,12 +18,13 @@ from typing import Generator, Mapping, Sequence
 
 import mlx.core as mx
 
+from .canvas import CanvasPins, StepEvent, eos_bias
 from .errors import UserError
 from .models.cache import cache_length
-from .steps import denoise_canvas
 from .models.sharding import broadcast
 from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, start_canvas, temperature
 from .sharded_sample import sharded_sampler_step
+from .steps import denoise_canvas
 
 REFERENCE_DEFAULTS = dict(
     max_tokens=256, max_denoising_steps=48, t_min=0.4, t_max=0.8, entropy_bound=0.1,
@@ -295,25 +296,6 @@ def _from_generation_config(gen: dict, eos: list[int], replaced: set[str] = froz
     return out
 
 
-@dataclass
-class StepEvent:
-    """One denoising step, or (when `committed` is set) one committed canvas.
-
-    For a single prompt `argmax` is (canvas,), `accepted` an int, `mean_entropy` a float
-    and `committed` a list of ids; for a batch each is per row ((B, canvas) and lists).
-    On a committed canvas `step` is the step at which the row stopped (per row in a batch).
-    """
-
-    canvas: int
-    step: int | list[int]
-    argmax: mx.array
-    accepted: int | list[int]
-    mean_entropy: float | list[float]
-    committed: list[int] | list[list[int]] | None = None
-    finish_reason: str | None | list[str | None] = None
-    prompt_seconds: float | None = None
-
-
 def seed_key(seed: int | None) -> mx.array:
     """The root PRNG key of a generation (a fresh random one when `seed` is None)."""
     return mx.random.key(secrets.randbits(63) if seed is None else seed)
@@ -430,17 +412,6 @@ def _check_context(used: int, n_canvases: int, args) -> None:
         )
 
 
-@dataclass
-class CanvasPins:
-    """The pinned positions of one canvas: `mask` (B, L) bool, `tokens` (B, L) int32, and
-    `no_eos` (B, L) bool, the free positions that lie before a later pinned one."""
-
-    mask: mx.array
-    tokens: mx.array
-    no_eos: mx.array
-    all_pinned: bool
-
-
 def canvas_pins(s: GenerationSettings, index: int, B: int, L: int) -> CanvasPins | None:
     """The `pinned` settings that fall on canvas `index`, or None."""
     rows = _pinned_per_row(s.pinned)
@@ -477,7 +448,7 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
         yield event
         return key, event, [0] * B
     pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
-    bias = _eos_bias(s, V, pins)
+    bias = eos_bias(s.eos_token_ids, V, pins)
     shard = getattr(model, "vocab_shard", None)
     # Sharded, the logits are this rank's vocabulary slice (see sharded_sample.py).
     sampler = sampler_step if shard is None else partial(sharded_sampler_step, vocab=shard)
@@ -510,22 +481,6 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
         if all(steps):
             break
     return key, event, [m or n for m in steps]
-
-
-_BANNED_LOGIT = -1e9
-
-
-def _eos_bias(s: GenerationSettings, vocab_size: int, pins: CanvasPins | None) -> mx.array | None:
-    """A logit far below any other on EOS ids at free positions before a later pinned one
-    (see `pinned`)."""
-    if pins is None or not s.eos_token_ids:
-        return None
-    is_eos = mx.zeros((vocab_size,), dtype=mx.bool_)
-    is_eos[mx.array(list(s.eos_token_ids))] = True
-    banned = pins.no_eos[..., None] & is_eos
-    # Finite, not -inf: the entropy sums p * logit, and 0 * -inf would be NaN there (which
-    # breaks acceptance and the stop test); exp of this underflows to exactly 0 all the same.
-    return mx.where(banned, _BANNED_LOGIT, 0.0).astype(mx.float32)
 
 
 @dataclass

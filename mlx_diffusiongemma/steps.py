@@ -22,6 +22,7 @@ import math
 
 import mlx.core as mx
 
+from .canvas import StepEvent, eos_bias
 from .sample import (
     capped_sampler_step, free_mean, pin, renoise, reveal_confident, rows_stable, start_canvas, temperature,
 )
@@ -31,8 +32,6 @@ def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, B: in
     """Yield a StepEvent per step of one canvas until every row met its stop test; the last
     event's `argmax` holds each row's canvas as it stood when that row stopped. Returns
     the key chain's next key, the last event and the step at which each row stopped."""
-    from .generate import StepEvent, _eos_bias  # generate imports this module
-
     L, V = model.args.canvas_length, model.args.vocab_size
     key, noise_key = mx.random.split(key)
     canvas = start_canvas(s.initial_canvas, (B, L), V, noise_key)
@@ -41,7 +40,7 @@ def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, B: in
         yield event
         return key, event, [0] * B
     pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
-    bias = _eos_bias(s, V, pins)
+    bias = eos_bias(s.eos_token_ids, V, pins)
     bias = mx.array(0.0, dtype=mx.float32) if bias is None else bias
     cap = mx.array(model.args.final_logit_softcapping, dtype=mx.float32)
     confident = s.sampler == "confidence"

@@ -1,0 +1,53 @@
+"""What the two denoising loops of a canvas share (`steps.denoise_canvas`, and
+`generate._denoise_canvas` for sharded models): the step event they yield, a canvas's
+pinned positions, and the EOS bias that keeps a canvas from ending before a pinned token."""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass
+class StepEvent:
+    """One denoising step, or (when `committed` is set) one committed canvas.
+
+    For a single prompt `argmax` is (canvas,), `accepted` an int, `mean_entropy` a float
+    and `committed` a list of ids; for a batch each is per row ((B, canvas) and lists).
+    On a committed canvas `step` is the step at which the row stopped (per row in a batch).
+    """
+
+    canvas: int
+    step: int | list[int]
+    argmax: mx.array
+    accepted: int | list[int]
+    mean_entropy: float | list[float]
+    committed: list[int] | list[list[int]] | None = None
+    finish_reason: str | None | list[str | None] = None
+    prompt_seconds: float | None = None
+
+
+@dataclass
+class CanvasPins:
+    """The pinned positions of one canvas: `mask` (B, L) bool, `tokens` (B, L) int32, and
+    `no_eos` (B, L) bool, the free positions that lie before a later pinned one."""
+
+    mask: mx.array
+    tokens: mx.array
+    no_eos: mx.array
+    all_pinned: bool
+
+
+_BANNED_LOGIT = -1e9
+
+
+def eos_bias(eos_token_ids, vocab_size: int, pins: CanvasPins | None) -> mx.array | None:
+    """A logit far below any other on EOS ids at free positions before a later pinned one
+    (see `GenerationSettings.pinned`), or None when nothing needs it."""
+    if pins is None or not eos_token_ids:
+        return None
+    is_eos = mx.zeros((vocab_size,), dtype=mx.bool_)
+    is_eos[mx.array(list(eos_token_ids))] = True
+    banned = pins.no_eos[..., None] & is_eos
+    # Finite, not -inf: the entropy sums p * logit, and 0 * -inf would be NaN there (which
+    # breaks acceptance and the stop test); exp of this underflows to exactly 0 all the same.
+    return mx.where(banned, _BANNED_LOGIT, 0.0).astype(mx.float32)
