@@ -17,7 +17,7 @@ DEFAULTS = dict(
     num_layers=16, steps_per_report=10, steps_per_eval=200, val_batches=25, save_every=100,
     grad_accumulation_steps=1, max_seq_length=2048, seed=0, test=False, test_batches=500,
     resume_adapter_file=None, lr_schedule=None, grad_checkpoint=False, mask_prompt=False,
-    noise_min=1e-3, noise_exponent=1.0, self_conditioning_rate=0.5, clean_weight=1.0, encoder_loss_weight=0.0,
+    noise_min=1e-3, noise_exponent=0.5, self_conditioning_rate=0.8, clean_weight=1.0, encoder_loss_weight=0.0,
     lora_parameters=None, fine_tune_type="lora",
 )
 LORA_FIELDS = ("rank", "scale", "dropout", "keys")
