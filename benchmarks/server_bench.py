@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 
-import openai
 
 from mlx_diffusiongemma import GenerationSettings, load, stream_generate
 from mlx_diffusiongemma.demos.sudoku import puzzles
@@ -109,7 +108,7 @@ def main() -> None:
     log = Path("/tmp/server_bench.log")
     server = ServerProcess(SUDOKU_MODEL, log, "--max-queue", str(args.clients))
     try:
-        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=600)
+        client = server.client(timeout=600)
         model_id = client.models.list().data[0].id
         one_request(client, model_id, reqs[0])  # warm-up
         tic = time.perf_counter()

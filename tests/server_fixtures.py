@@ -120,6 +120,12 @@ class ServerProcess:
         self.stop()
         raise RuntimeError("the server did not answer /health in time")
 
+    def client(self, timeout: float = 120):
+        """The real `openai` client pointed at this server (no retries: a test sees every error)."""
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", timeout=timeout, max_retries=0)
+
     def health(self) -> dict:
         with urllib.request.urlopen(f"{self.base}/health", timeout=10) as r:
             return json.loads(r.read())

@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import openai
 import pytest
 import websockets
 
@@ -123,7 +122,7 @@ def test_the_chat_page_shows_the_canvas_resolving_then_the_committed_text(server
     seen = asyncio.run(chat_in_page(browser, server.base, shot))
     assert len(seen["drafts"]) > MAX_TOKENS // 8 and len(set(seen["drafts"])) > 2
     assert seen["draft"] == "" and "prompt tokens" in seen["stats"]
-    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = server.client()
     expected = client.chat.completions.create(
         model=client.models.list().data[0].id, messages=[{"role": "user", "content": "What is 2+2?"}],
         seed=SEED, max_tokens=MAX_TOKENS, extra_body={"max_denoising_steps": STEPS,

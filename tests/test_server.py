@@ -47,7 +47,7 @@ def guarded(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="unused", timeout=120, max_retries=0)
+    return server.client()
 
 
 @pytest.fixture(scope="module")
