@@ -22,12 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import save_random_reference
 
 from mlx_diffusiongemma import generate_step, load
 from mlx_diffusiongemma.chat import ChatSession
 from mlx_diffusiongemma.demos.sudoku.tokenizer import build_tokenizer
-from mlx_diffusiongemma.models.tiny import tiny_config
 
 CANVAS = 32
 SHAPE = dict(
@@ -42,14 +41,7 @@ MESSAGE = "Turn {}: tell me one more thing about block diffusion, briefly."
 
 def write_model(path: Path) -> Path:
     """A random checkpoint saved by transformers, with a small Gemma-4-style tokenizer."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
-
-    torch.manual_seed(0)
-    # The shared tiny config (its tiny vision tower keeps the checkpoint small) at this preset's sizes.
-    tiny = tiny_config(CANVAS, **SHAPE)
-    config = DiffusionGemmaConfig(text_config=tiny["text_config"], vision_config=tiny["vision_config"],
-                                  canvas_length=CANVAS)
-    DiffusionGemmaForBlockDiffusion(config).eval().save_pretrained(path)
+    save_random_reference(path, CANVAS, SHAPE)
     build_tokenizer(path, vocab_size=SHAPE["vocab_size"])
     return path
 

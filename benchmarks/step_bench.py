@@ -52,16 +52,9 @@ def inputs():
 
 def write_checkpoint(path: Path) -> None:
     """A random reference model, saved with the released config.json field names."""
-    import torch
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from common import save_random_reference
 
-    from mlx_diffusiongemma.models.tiny import tiny_config
-
-    torch.manual_seed(0)
-    tiny = tiny_config(CANVAS, **SHAPE)
-    config = DiffusionGemmaConfig(text_config=tiny["text_config"], vision_config=tiny["vision_config"],
-                                  canvas_length=CANVAS)
-    DiffusionGemmaForBlockDiffusion(config).eval().save_pretrained(path)
+    save_random_reference(path, CANVAS, SHAPE)
     config = json.loads((path / "config.json").read_text())
     text = config["text_config"]
     text.pop("per_layer_config")  # mlx-vlm reads only the released global_* fields
