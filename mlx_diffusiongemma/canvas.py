@@ -1,10 +1,13 @@
 """What the two denoising loops of a canvas share (`steps.denoise_canvas`, and
 `generate._denoise_canvas` for sharded models): the step event they yield, a canvas's
-pinned positions, and the EOS bias that keeps a canvas from ending before a pinned token."""
+pinned positions, how a canvas starts, and the EOS bias that keeps a canvas from ending
+before a pinned token."""
 
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from .sample import start_canvas
 
 
 @dataclass
@@ -51,3 +54,22 @@ def eos_bias(eos_token_ids, vocab_size: int, pins: CanvasPins | None) -> mx.arra
     # Finite, not -inf: the entropy sums p * logit, and 0 * -inf would be NaN there (which
     # breaks acceptance and the stop test); exp of this underflows to exactly 0 all the same.
     return mx.where(banned, _BANNED_LOGIT, 0.0).astype(mx.float32)
+
+
+def open_canvas(model, s, key: mx.array, pins: CanvasPins | None, B: int):
+    """What a canvas's loop starts from: the key chain's next key, the first canvas (`s`'s
+    initial one or uniform noise), the (B, L) pinned mask and the EOS bias (or None)."""
+    L, V = model.args.canvas_length, model.args.vocab_size
+    key, noise_key = mx.random.split(key)
+    canvas = start_canvas(s.initial_canvas, (B, L), V, noise_key)
+    pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
+    return key, canvas, pinned, eos_bias(s.eos_token_ids, V, pins)
+
+
+def fully_pinned_event(index: int, pins: CanvasPins | None, B: int, prompt_seconds: float | None):
+    """The one event of a canvas whose every position is pinned (committed without a
+    forward), or None when some position is free."""
+    if pins is None or not pins.all_pinned:
+        return None
+    L = pins.mask.shape[1]
+    return StepEvent(index, 0, pins.tokens, [L] * B, [0.0] * B, prompt_seconds=prompt_seconds)

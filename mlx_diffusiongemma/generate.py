@@ -18,11 +18,11 @@ from typing import Generator, Mapping, Sequence
 
 import mlx.core as mx
 
-from .canvas import CanvasPins, StepEvent, eos_bias
+from .canvas import CanvasPins, StepEvent, fully_pinned_event, open_canvas
 from .errors import UserError
 from .models.cache import cache_length
 from .models.sharding import broadcast
-from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, start_canvas, temperature
+from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, temperature
 from .sharded_sample import sharded_sampler_step
 from .steps import denoise_canvas
 
@@ -440,15 +440,10 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
     """Yield a StepEvent per step of one canvas until every row met its stop test; the last
     event's `argmax` holds each row's canvas as it stood when that row stopped. Returns
     the key chain's next key, the last event and the step at which each row stopped."""
-    L, V = model.args.canvas_length, model.args.vocab_size
-    key, noise_key = mx.random.split(key)
-    canvas = start_canvas(s.initial_canvas, (B, L), V, noise_key)
-    if pins is not None and pins.all_pinned:
-        event = StepEvent(index, 0, pins.tokens, [L] * B, [0.0] * B, prompt_seconds=prompt_seconds)
+    key, canvas, pinned, bias = open_canvas(model, s, key, pins, B)
+    if (event := fully_pinned_event(index, pins, B, prompt_seconds)) is not None:
         yield event
         return key, event, [0] * B
-    pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
-    bias = eos_bias(s.eos_token_ids, V, pins)
     shard = getattr(model, "vocab_shard", None)
     # Sharded, the logits are this rank's vocabulary slice (see sharded_sample.py).
     sampler = sampler_step if shard is None else partial(sharded_sampler_step, vocab=shard)

@@ -22,9 +22,9 @@ import math
 
 import mlx.core as mx
 
-from .canvas import StepEvent, eos_bias
+from .canvas import StepEvent, fully_pinned_event, open_canvas
 from .sample import (
-    capped_sampler_step, free_mean, pin, renoise, reveal_confident, rows_stable, start_canvas, temperature,
+    capped_sampler_step, free_mean, pin, renoise, reveal_confident, rows_stable, temperature,
 )
 
 
@@ -33,14 +33,10 @@ def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, B: in
     event's `argmax` holds each row's canvas as it stood when that row stopped. Returns
     the key chain's next key, the last event and the step at which each row stopped."""
     L, V = model.args.canvas_length, model.args.vocab_size
-    key, noise_key = mx.random.split(key)
-    canvas = start_canvas(s.initial_canvas, (B, L), V, noise_key)
-    if pins is not None and pins.all_pinned:
-        event = StepEvent(index, 0, pins.tokens, [L] * B, [0.0] * B, prompt_seconds=prompt_seconds)
+    key, canvas, pinned, bias = open_canvas(model, s, key, pins, B)
+    if (event := fully_pinned_event(index, pins, B, prompt_seconds)) is not None:
         yield event
         return key, event, [0] * B
-    pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
-    bias = eos_bias(s.eos_token_ids, V, pins)
     bias = mx.array(0.0, dtype=mx.float32) if bias is None else bias
     cap = mx.array(model.args.final_logit_softcapping, dtype=mx.float32)
     confident = s.sampler == "confidence"
