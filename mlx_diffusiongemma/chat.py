@@ -15,11 +15,7 @@ import jinja2
 
 from .errors import UserError, first_line
 from .generate import GenerationResponse, GenerationSettings, stream_generate
-from .prompt_cache import PromptCache
-
-# Slack for the tokens after the common prefix that belong to the previous prompt
-# (the generation prompt's empty thought block), on top of the reply's canvases.
-_PROMPT_TAIL_SLACK = 64
+from .prompt_cache import PromptCache, reply_keep
 
 
 def repair_text(text: str) -> str:
@@ -148,9 +144,7 @@ class ChatSession:
         self.last_turn: TurnStats | None = None
 
     def _default_keep(self) -> int:
-        args = self.model.args
-        canvases = -(-self.settings.max_tokens // args.canvas_length)
-        return args.sliding_window - 1 + canvases * args.canvas_length + _PROMPT_TAIL_SLACK
+        return reply_keep(self.model.args, self.settings.max_tokens)
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt and thinking mode stay)."""

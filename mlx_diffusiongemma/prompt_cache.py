@@ -5,6 +5,17 @@ from collections.abc import Sequence
 
 from .models.cache import can_trim_cache, trim_cache
 
+# Slack for the tokens after the common prefix that belong to the previous prompt
+# (the generation prompt's empty thought block), on top of the reply's canvases.
+_PROMPT_TAIL_SLACK = 64
+
+
+def reply_keep(args, max_tokens: int) -> int:
+    """Positions for sliding layers to keep (`PromptCache`'s `keep`) so that the next turn
+    can step back over a reply of `max_tokens` (written as whole canvases) and the window."""
+    canvases = -(-max_tokens // args.canvas_length)
+    return args.sliding_window - 1 + canvases * args.canvas_length + _PROMPT_TAIL_SLACK
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token sequences."""

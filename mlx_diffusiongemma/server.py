@@ -68,7 +68,7 @@ from .generate import (
     stream_generate,
 )
 from .infill import FillPlan, plan_fill
-from .prompt_cache import PromptCache, common_prefix
+from .prompt_cache import PromptCache, common_prefix, reply_keep
 from .tool_parsing import OutputParser, Parsed
 
 STATIC_DIR = Path(__file__).parent / "server_static"
@@ -343,10 +343,8 @@ class Engine:
 
             adapter = {"adapter_path": self.adapter_path} if self.adapter_path else {}
             self.model, self.tokenizer = load(self.model_path, **adapter)
-            args = self.model.args
             # Sliding layers keep enough to step back over a default-length reply.
-            canvases = -(-GenerationSettings.resolve(self.model).max_tokens // args.canvas_length)
-            keep = args.sliding_window - 1 + canvases * args.canvas_length + 64
+            keep = reply_keep(self.model.args, GenerationSettings.resolve(self.model).max_tokens)
             self.caches = PromptCacheLRU(self.model, keep, self.cache_entries, self.cache_bytes)
         except BaseException as e:  # noqa: BLE001  (handed to the main thread)
             self.load_error = e
