@@ -45,9 +45,12 @@ BLANKS = 50
 
 
 def chat_line(puzzle: np.ndarray, solution: np.ndarray) -> str:
+    """A chat line whose answer marks the givens as `pinned_spans` (what `pin_givens` pins:
+    cell k is character 10 * (k // 9) + k % 9 of the formatted grid)."""
     messages = [{"role": "user", "content": sudoku.format_grid(base.to_grid(puzzle))},
                 {"role": "assistant", "content": sudoku.format_grid(base.to_grid(solution))}]
-    return json.dumps({"messages": messages})
+    spans = [[10 * (k // 9) + k % 9, 10 * (k // 9) + k % 9 + 1] for k in map(int, np.flatnonzero(puzzle))]
+    return json.dumps({"messages": messages, "pinned_spans": spans})
 
 
 def write_data(out: Path, n_train: int, pool_size: int, replay: float, n_valid: int, seed: int) -> Path:
@@ -82,6 +85,7 @@ def parse_args():
     p.add_argument("--replay", type=float, default=0.25, help="share of easier (30-45 blank) examples")
     p.add_argument("--noise-exponent", type=float, default=0.5)
     p.add_argument("--self-conditioning-rate", type=float, default=0.8)
+    p.add_argument("--pinned-rate", type=float, default=0.5, help="share of examples trained with the givens clean")
     p.add_argument("--save-every", type=int, default=400)
     p.add_argument("--steps-per-eval", type=int, default=400)
     p.add_argument("--no-ship", action="store_true", help="leave the package's model as it is")
@@ -111,10 +115,12 @@ def main():
         lr_schedule={"name": "cosine_decay", "arguments": [args.learning_rate, args.iters, args.learning_rate / 10],
                      "warmup": min(50, args.iters // 10)},
         objective=ObjectiveArgs(noise_exponent=args.noise_exponent,
-                                self_conditioning_rate=args.self_conditioning_rate),
+                                self_conditioning_rate=args.self_conditioning_rate,
+                                pinned_rate=args.pinned_rate),
     )
     config = lora.adapter_config(model, -1, params, dict(model=str(base.BASE_MODEL), seed=SEED, iters=args.iters,
-                                                         batch_size=args.batch_size, learning_rate=args.learning_rate))
+                                                         batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                                         pinned_rate=args.pinned_rate))
     start = time.perf_counter()
     train_lora(model, sets["train"], sets["valid"], targs,
                save=lambda path: lora.save_adapters(model, Path(path).parent, config, Path(path).name),

@@ -20,7 +20,8 @@ from mlx_diffusiongemma.models.tiny import tiny_config
 from mlx_diffusiongemma.tuner import lora
 from mlx_diffusiongemma.tuner.datasets import Example, Renderer, load_dataset
 from mlx_diffusiongemma.tuner.finetune import (
-    LoRATrainingArgs, ObjectiveArgs, decoder_pass, encoder_pass, lm_logits, lora_loss, make_batch, train_lora,
+    LoRATrainingArgs, ObjectiveArgs, corrupt_canvas, decoder_pass, encoder_pass, lm_logits, lora_loss, make_batch,
+    noisy_canvas, train_lora,
 )
 
 CONFIG = tiny_config(
@@ -153,6 +154,29 @@ def test_prompt_gets_no_gradient():
     assert (g[1, :4] == 0).all().item() and (g[1, 4 : T + 1] > 0).all().item()
     unmasked = make_batch([short, long], [0, 1], 8, 0, encoder_loss=True, mask_prompt=False)
     assert unmasked.next_token[0, 11].item() == 1.0 and unmasked.next_token[0, 10].item() == 0.0
+
+
+def test_pinned_positions_are_kept_clean_at_the_pinned_rate():
+    """Positions 0, 2 and 9 of an 11-token answer are pinned: in canvas 1 of 8 only 9 (its
+    index 1) is; with every position corrupted, rate 1 keeps exactly the pinned ones clean,
+    rate 0 none, and a batch without pins draws the same noise as before pins existed."""
+    pinned_ex = Example([5, 6, 7], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 1], (0, 2, 9))
+    batch = make_batch([pinned_ex, pinned_ex, Example([5], [20, 21, 1])], [1, 0, 0], 8, 0)
+    assert batch.pinned.tolist() == [[False, True] + [False] * 6, [True, False, True] + [False] * 5, [False] * 8]
+    key = mx.random.key(3)
+    for rate in (1.0, 0.0):
+        noisy, replaced = noisy_canvas(batch, 64, key, ObjectiveArgs(noise_min=1.0, pinned_rate=rate))
+        assert (replaced == ~batch.pinned if rate else replaced).all().item()
+    assert (mx.where(batch.pinned, noisy == batch.canvas, True)).all().item() is False  # rate 0: noise
+    noisy, _ = noisy_canvas(batch, 64, key, ObjectiveArgs(noise_min=1.0, pinned_rate=1.0))
+    assert mx.where(batch.pinned, noisy == batch.canvas, True).all().item()
+    rows = make_batch([pinned_ex] * 200, [0] * 200, 8, 0)
+    _, replaced = noisy_canvas(rows, 64, key, ObjectiveArgs(noise_min=1.0, pinned_rate=0.5))
+    assert 60 < (~replaced[:, 0]).sum().item() < 140  # about half the rows keep their pins
+    free = make_batch([Example([5], [20, 21, 1])], [0], 8, 0)
+    assert free.pinned is None
+    noisy, _ = noisy_canvas(free, 64, key, ObjectiveArgs())
+    assert (noisy == corrupt_canvas(free.canvas, 64, key, 1e-3, 0.5)[0]).all().item()
 
 
 def test_lora_steps_lower_the_loss_on_a_fixed_batch():
@@ -358,7 +382,26 @@ def test_each_data_format_loads(tmp_path, tokenizer):
     assert Renderer(tokenizer).eot == turn_end
 
 
+def test_pinned_spans_mark_the_answer_tokens_inside_them(tokenizer):
+    """Offsets count in the answer as written (its leading space included); a token is
+    pinned only when it lies wholly inside a span."""
+    render = Renderer(tokenizer)
+    answer = " 123\n456"
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+            "pinned_spans": [[1, 2], [3, 6], [6, 7]]}
+    ex = render(chat)
+    assert ex.answer == tokenizer.encode(answer.strip(), add_special_tokens=False) + [render.eot]
+    assert [tokenizer.decode([ex.answer[i]]) for i in ex.pinned] == ["1", "3", "\n", "4", "5"]
+    assert render({"prompt": "q", "completion": answer, "pinned_spans": [[1, 2]]}).pinned == (0,)
+    assert render({"prompt": "q", "completion": answer}).pinned == ()
+
+
 @pytest.mark.parametrize("line, message", [
+    ({"prompt": "x", "completion": "12", "pinned_spans": [[0, 3]]}, r"train.jsonl:2: pinned span \[0, 3\] is not within"),
+    ({"prompt": "x", "completion": "12", "pinned_spans": [[1, 1]]}, r"train.jsonl:2: pinned span \[1, 1\]"),
+    ({"prompt": "x", "completion": "12", "pinned_spans": [0, 1]}, r"train.jsonl:2: \"pinned_spans\" must be a list"),
+    ({"prompt": "x", "completion": "12", "pinned_spans": [[0.0, 1]]}, r"train.jsonl:2: \"pinned_spans\" must be a list"),
+    ({"text": "12", "pinned_spans": [[0, 1]]}, r"train.jsonl:2: \"pinned_spans\" needs a chat or completions line"),
     ("{not json", r"train.jsonl:2: not valid JSON"),
     ("[1, 2]", r"train.jsonl:2: expected a JSON object"),
     ({"question": "x"}, r"train.jsonl:2: has keys \['question'\]"),

@@ -17,7 +17,8 @@ DEFAULTS = dict(
     num_layers=16, steps_per_report=10, steps_per_eval=200, val_batches=25, save_every=100,
     grad_accumulation_steps=1, max_seq_length=2048, seed=0, test=False, test_batches=500,
     resume_adapter_file=None, lr_schedule=None, grad_checkpoint=False, mask_prompt=False,
-    noise_min=1e-3, noise_exponent=0.5, self_conditioning_rate=0.8, clean_weight=1.0, encoder_loss_weight=0.0,
+    noise_min=1e-3, noise_exponent=0.5, self_conditioning_rate=0.8, clean_weight=1.0, pinned_rate=0.5,
+    encoder_loss_weight=0.0,
     lora_parameters=None, fine_tune_type="lora",
 )
 LORA_FIELDS = ("rank", "scale", "dropout", "keys")
@@ -115,12 +116,15 @@ def lora(
     seed: Annotated[int | None, typer.Option(min=0, help="Seed of the batches and noise.", show_default="0")] = None,
     noise_exponent: Annotated[float | None, typer.Option(
         min=0.0, help="Corrupted fraction t = min + (1 - min) * u ** EXPONENT; below 1 leans to heavy noise.",
-        show_default="1.0")] = None,
+        show_default=str(DEFAULTS["noise_exponent"]))] = None,
     noise_min: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Least corrupted fraction.",
                                                     show_default="0.001")] = None,
     self_conditioning_rate: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Share of steps trained with a detached self-conditioning pass.",
-        show_default="0.5")] = None,
+        show_default=str(DEFAULTS["self_conditioning_rate"]))] = None,
+    pinned_rate: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="Share of examples with \"pinned_spans\" trained with those tokens kept clean, "
+        "as generation with pinned positions holds them.", show_default=str(DEFAULTS["pinned_rate"]))] = None,
     encoder_loss_weight: Annotated[float | None, typer.Option(
         min=0.0, help="Weight of the encoder's next-token co-loss (0: off).", show_default="0.0")] = None,
     test: Annotated[bool | None, typer.Option("--test", help="Report the loss on test.jsonl afterwards.")] = None,
@@ -165,7 +169,8 @@ def _train(model, sets: dict, s: dict, args) -> None:
     trainable, total = lora.trainable_count(model)
     info(f"Trainable parameters: {100 * trainable / total:.3f}% ({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)")
     extra = {k: s[k] for k in ("model", "iters", "batch_size", "learning_rate", "seed", "noise_min", "noise_exponent",
-                               "self_conditioning_rate", "encoder_loss_weight", "mask_prompt")}
+                               "self_conditioning_rate", "pinned_rate", "encoder_loss_weight",
+                               "mask_prompt")}
     config = lora.adapter_config(model, s["num_layers"], params, extra)
     out = Path(s["adapter_path"])
 

@@ -8,6 +8,11 @@
 Chats and completions are rendered with the model's chat template; the answer is the last
 assistant turn followed by the template's end-of-turn token, which the sampler reads as
 EOS. Every bad line is a one-line `UserError` naming the file and line.
+
+A chat or completions line may add `"pinned_spans": [[start, end], ...]`, character ranges
+of the answer that are given at generation time (`GenerationSettings.pinned`: a template's
+fixed text, a puzzle's givens). The tokens lying wholly inside them are the example's
+pinned positions, which the objective can keep clean (`ObjectiveArgs.pinned_rate`).
 """
 
 import json
@@ -26,6 +31,7 @@ class Example:
 
     prompt: list[int]
     answer: list[int]
+    pinned: tuple[int, ...] = ()
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -54,16 +60,19 @@ class Renderer:
         self.bos = getattr(tokenizer, "bos_token_id", None)
 
     def __call__(self, record: dict) -> Example:
+        spans = record.get("pinned_spans")
         if "messages" in record:
-            return self.chat(record["messages"])
+            return self.chat(record["messages"], spans)
         if "prompt" in record and "completion" in record:
-            return self.completion(record["prompt"], record["completion"])
+            return self.completion(record["prompt"], record["completion"], spans)
         if "text" in record:
+            if spans is not None:
+                raise ValueError("\"pinned_spans\" needs a chat or completions line (a text line has no answer)")
             return self.text(record["text"])
         raise ValueError(f"has keys {sorted(record)[:4]}; expected \"messages\" (chat), \"prompt\" and "
                          "\"completion\" (completions) or \"text\"")
 
-    def chat(self, messages) -> Example:
+    def chat(self, messages, spans=None) -> Example:
         if not isinstance(messages, list) or not messages:
             raise ValueError("\"messages\" must be a non-empty list of {\"role\", \"content\"} objects")
         for m in messages:
@@ -75,12 +84,12 @@ class Renderer:
             raise ValueError("a chat needs a prompt before the assistant's answer")
         prompt = self.tokenizer.apply_chat_template(
             messages[:-1], add_generation_prompt=True, tokenize=False, enable_thinking=False)
-        return self._example(prompt, messages[-1]["content"])
+        return self._example(prompt, messages[-1]["content"], spans)
 
-    def completion(self, prompt, completion) -> Example:
+    def completion(self, prompt, completion, spans=None) -> Example:
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise ValueError("\"prompt\" and \"completion\" must be strings")
-        return self.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+        return self.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], spans)
 
     def text(self, text) -> Example:
         if not isinstance(text, str) or not text.strip():
@@ -93,11 +102,38 @@ class Renderer:
             raise ValueError("\"text\" needs at least two tokens (the first one is the prompt)")
         return Example(ids[:1], ids[1:] + [eos])
 
-    def _example(self, prompt_text: str, answer: str) -> Example:
+    def _example(self, prompt_text: str, answer: str, spans=None) -> Example:
         if not answer.strip():
             raise ValueError("the assistant's answer is empty")
         prompt = self.tokenizer.encode(prompt_text, add_special_tokens=False)
-        return Example(prompt, self.tokenizer.encode(answer.strip(), add_special_tokens=False) + [self.eot])
+        if spans is None:
+            return Example(prompt, self.tokenizer.encode(answer.strip(), add_special_tokens=False) + [self.eot])
+        text = answer.strip()
+        shift = len(answer) - len(answer.lstrip())
+        ids, offsets = self._encode_with_offsets(text)
+        ranges = [(a - shift, b - shift) for a, b in check_spans(spans, len(answer))]
+        pinned = tuple(i for i, (a, b) in enumerate(offsets) if a < b and any(s <= a and b <= e for s, e in ranges))
+        return Example(prompt, ids + [self.eot], pinned)
+
+    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        enc = None if backend is None else backend.encode(text, add_special_tokens=False)
+        if enc is None or enc.ids != ids:
+            raise ValueError("\"pinned_spans\" needs a fast tokenizer (tokenizer.json) that maps tokens to characters")
+        return ids, enc.offsets
+
+
+def check_spans(spans, length: int) -> list[tuple[int, int]]:
+    """`spans` as (start, end) character ranges within an answer of `length` characters."""
+    if not isinstance(spans, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) for r in spans):
+        raise ValueError("\"pinned_spans\" must be a list of [start, end] character offsets of the answer")
+    for a, b in spans:
+        if not 0 <= a < b <= length:
+            raise ValueError(f"pinned span [{a}, {b}] is not within the answer's {length} characters "
+                             "(0 <= start < end <= length)")
+    return [tuple(r) for r in spans]
 
 
 def read_jsonl(path: Path, render) -> list[Example]:

@@ -6,7 +6,9 @@ canvases (clean, as committed) run through the causal encoder; the canvas is cor
 with uniform random tokens at a level t drawn per example; the bidirectional decoder reads
 the encoder's keys and values and is trained to predict the clean canvas. Only answer
 positions up to and including the EOS are supervised: never the prompt, never the padding
-after the EOS. In a share of the steps a detached first decoder pass gives the logits that
+after the EOS. An example's pinned positions (given at generation time, see
+`datasets`) are kept clean in a share of the examples, as the sampler holds them, so the
+model learns to fill the rest around them. In a share of the steps a detached first decoder pass gives the logits that
 self-condition the second, as the sampler feeds back its previous step. An optional
 encoder co-loss trains the causal pass on next-token prediction over the answer.
 
@@ -39,7 +41,8 @@ class Batch:
     canvas itself when the encoder co-loss needs it), `valid` (B, T) its real positions,
     `decoded` the number of prefix columns the decoder reads (T without the co-loss),
     `canvas` (B, L) the clean target canvas, `supervised` (B, L) its answer positions,
-    `next_token` (B, T) float weights of the encoder co-loss at each position.
+    `next_token` (B, T) float weights of the encoder co-loss at each position, `pinned`
+    (B, L) the canvas's pinned positions (None when no example has any).
     """
 
     prefix: mx.array
@@ -48,6 +51,7 @@ class Batch:
     canvas: mx.array
     supervised: mx.array
     next_token: mx.array | None = None
+    pinned: mx.array | None = None
 
 
 def canvas_count(example: Example, L: int) -> int:
@@ -63,7 +67,9 @@ def make_batch(examples: list[Example], choices: list[int], L: int, pad_id: int,
     whose next token is an answer token (and, unless `mask_prompt`, a prompt token).
     """
     rows, canvases, supervised, prompt_lens = [], [], [], []
-    for ex, c in zip(examples, choices):
+    pinned = np.zeros((len(examples), L), dtype=bool)
+    for i, (ex, c) in enumerate(zip(examples, choices)):
+        pinned[i, [p - c * L for p in ex.pinned if c * L <= p < (c + 1) * L]] = True
         segment = ex.answer[c * L : (c + 1) * L]
         prefix = ex.prompt + ex.answer[: c * L]
         cut = max(0, len(prefix) - max_prefix) if max_prefix else 0
@@ -87,7 +93,7 @@ def make_batch(examples: list[Example], choices: list[int], L: int, pad_id: int,
         weights[i, max(first, start) : start + len(seq) - 1] = 1.0
     return Batch(
         mx.array(ids), mx.array(valid), T, mx.array(np.array(canvases, dtype=np.int32)), mx.array(np.array(supervised)),
-        mx.array(weights) if encoder_loss else None,
+        mx.array(weights) if encoder_loss else None, mx.array(pinned) if pinned.any() else None,
     )
 
 
@@ -169,7 +175,10 @@ class ObjectiveArgs:
 
     The corrupted fraction of a canvas is t = noise_min + (1 - noise_min) * u ** noise_exponent,
     u ~ U(0, 1) per example; an exponent below 1 leans toward the heavy noise the sampler
-    starts from. Positions left clean weigh `clean_weight` in the loss.
+    starts from. Positions left clean weigh `clean_weight` in the loss. An example with
+    pinned positions keeps them clean with probability `pinned_rate` (t then applies to
+    its other positions) and is corrupted like any other otherwise, so both pinned and
+    free generation are trained.
 
     The defaults lean toward what the sampler does (it starts from pure noise and
     self-conditions every step): on the Sudoku fine-tune they solved 94.0% / 38.5% of
@@ -181,19 +190,35 @@ class ObjectiveArgs:
     noise_exponent: float = 0.5
     self_conditioning_rate: float = 0.8
     clean_weight: float = 1.0
+    pinned_rate: float = 0.5
     encoder_loss_weight: float = 0.0
     mask_prompt: bool = False
     grad_checkpoint: bool = False
 
 
-def corrupt_canvas(canvas: mx.array, vocab_size: int, key: mx.array, noise_min: float, noise_exponent: float):
-    """Noisy canvas and replaced-position mask (uniform random tokens, level per row)."""
+def corrupt_canvas(canvas: mx.array, vocab_size: int, key: mx.array, noise_min: float, noise_exponent: float,
+                   keep: mx.array | None = None):
+    """Noisy canvas and replaced-position mask (uniform random tokens, level per row);
+    the positions of `keep` (B, L) stay clean."""
     B, L = canvas.shape
     t_key, pos_key, noise_key = mx.random.split(key, 3)
     t = noise_min + (1 - noise_min) * mx.random.uniform(shape=(B, 1), key=t_key) ** noise_exponent
     replaced = mx.random.uniform(shape=(B, L), key=pos_key) < t
+    if keep is not None:
+        replaced = replaced & ~keep
     noise = mx.random.randint(0, vocab_size, (B, L), dtype=canvas.dtype, key=noise_key)
     return mx.where(replaced, noise, canvas), replaced
+
+
+def noisy_canvas(batch: Batch, vocab_size: int, key: mx.array, args: ObjectiveArgs):
+    """The batch's corrupted canvas and replaced mask: each row with pinned positions keeps
+    them clean with probability `args.pinned_rate`."""
+    keep = None
+    if batch.pinned is not None:
+        # Split only here, so batches without pinned positions keep their key chain.
+        key, pin_key = mx.random.split(key)
+        keep = batch.pinned & (mx.random.uniform(shape=(batch.pinned.shape[0], 1), key=pin_key) < args.pinned_rate)
+    return corrupt_canvas(batch.canvas, vocab_size, key, args.noise_min, args.noise_exponent, keep)
 
 
 def lora_loss(model, batch: Batch, key: mx.array, self_condition: bool, args: ObjectiveArgs):
@@ -201,7 +226,7 @@ def lora_loss(model, batch: Batch, key: mx.array, self_condition: bool, args: Ob
     plus `encoder_loss_weight` times the encoder's next-token loss."""
     full = args.encoder_loss_weight > 0 and batch.next_token is not None
     kv, hidden = encoder_pass(model, batch, full, args.grad_checkpoint)
-    noisy, replaced = corrupt_canvas(batch.canvas, model.args.vocab_size, key, args.noise_min, args.noise_exponent)
+    noisy, replaced = noisy_canvas(batch, model.args.vocab_size, key, args)
     signal = None
     if self_condition:
         # Temperature-free logits of a first pass, as the sampler's previous step; no gradient.
