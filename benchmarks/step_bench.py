@@ -227,7 +227,7 @@ class Transformers:
 
     def __init__(self, path, experts="grouped_mm", threads=1):
         import torch
-        from transformers import AutoModel, DiffusionGemmaForBlockDiffusion, DynamicCache  # noqa: F401
+        from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
         from transformers.models.diffusion_gemma import generation_diffusion_gemma as g
 
         torch.set_num_threads(int(threads))

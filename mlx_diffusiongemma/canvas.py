@@ -3,6 +3,7 @@
 pinned positions, how a canvas starts, and the EOS bias that keeps a canvas from ending
 before a pinned token."""
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -38,6 +39,13 @@ class CanvasPins:
     tokens: mx.array
     no_eos: mx.array
     all_pinned: bool
+
+
+def context_needed(args, prompt_tokens: int, output_tokens: int) -> int:
+    """Context positions a prompt and an output of these lengths take: every canvas is
+    committed whole, so the output counts in whole canvases."""
+    L = args.canvas_length
+    return prompt_tokens + math.ceil(output_tokens / L) * L
 
 
 _BANNED_LOGIT = -1e9

@@ -18,7 +18,7 @@ from typing import Generator, Mapping, Sequence
 
 import mlx.core as mx
 
-from .canvas import CanvasPins, StepEvent, fully_pinned_event, open_canvas
+from .canvas import CanvasPins, StepEvent, context_needed, fully_pinned_event, open_canvas
 from .errors import UserError
 from .models.cache import cache_length
 from .models.sharding import broadcast
@@ -332,7 +332,7 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, featu
     args = model.args
     B, L = prompt.shape[0], args.canvas_length
     n_canvases = math.ceil(s.max_tokens / L)
-    _check_context(cache_length(cache) + prompt.shape[1], n_canvases, args)
+    _check_context(cache_length(cache) + prompt.shape[1], s.max_tokens, args)
     key = seed_key(s.seed)
     shard = getattr(model, "vocab_shard", None)
     if shard is not None:
@@ -402,10 +402,10 @@ def _listed(ids):
     return ids
 
 
-def _check_context(used: int, n_canvases: int, args) -> None:
-    # Whole canvases are committed, so the budget counts every canvas in full.
-    need = used + n_canvases * args.canvas_length
+def _check_context(used: int, max_tokens: int, args) -> None:
+    need = context_needed(args, used, max_tokens)
     if need > args.max_position_embeddings:
+        n_canvases = math.ceil(max_tokens / args.canvas_length)
         raise UserError(
             f"prompt ({used} tokens) + {n_canvases} canvases x {args.canvas_length} = {need} tokens exceeds "
             f"the model's context of {args.max_position_embeddings}; shorten the prompt or lower max_tokens"

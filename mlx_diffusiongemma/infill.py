@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import mlx.core as mx
 
+from .canvas import context_needed
 from .errors import UserError
 from .generate import GenerationSettings, encode_text, generate_step
 
@@ -138,8 +139,7 @@ class _Layout:
 
     def needed(self, lengths: Sequence[int]) -> int:
         """Context positions these hole lengths take, in whole canvases after the prompt."""
-        L = self.model.args.canvas_length
-        return len(self.prompt) + math.ceil(self.output_length(lengths) / L) * L
+        return context_needed(self.model.args, len(self.prompt), self.output_length(lengths))
 
     def fits(self, lengths: Sequence[int]) -> bool:
         return self.needed(lengths) <= self.model.args.max_position_embeddings
@@ -431,7 +431,7 @@ def check(model, tokenizer, text: str, prompt: str | None = None, chat: bool = F
     ids, spans = token_spans(tokenizer, text)
     tokens = ids + [end_token(tokenizer, model, chat)]
     args = model.args
-    need = len(prefix) + math.ceil(len(tokens) / args.canvas_length) * args.canvas_length
+    need = context_needed(args, len(prefix), len(tokens))
     if need > args.max_position_embeddings:
         raise UserError(f"the text ({len(ids)} tokens after a {len(prefix)}-token prefix) needs {need} positions, "
                         f"more than the model's context of {args.max_position_embeddings}; check a shorter text")

@@ -58,6 +58,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .canvas import context_needed
 from .chat import StopStrings, repair_text
 from .errors import UserError, first_line
 from .generate import (
@@ -675,8 +676,7 @@ class Server:
 
     def _check_context(self, prompt_tokens: int, output_tokens: int, param: str, what: str) -> None:
         args = self.engine.model.args
-        # Whole canvases are written, so the output counts in canvases.
-        need = prompt_tokens + math.ceil(output_tokens / args.canvas_length) * args.canvas_length
+        need = context_needed(args, prompt_tokens, output_tokens)
         if need > args.max_position_embeddings:
             raise APIError(400, f"{what} (written as whole canvases) need {need} tokens, over the model's "
                            f"context of {args.max_position_embeddings}", param, "context_length_exceeded")

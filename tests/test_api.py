@@ -87,6 +87,17 @@ def test_prompt_errors(tiny):
         next(generate_step(model, [5] * 4000, max_tokens=200))
 
 
+def test_context_counts_the_output_in_whole_canvases(tiny):
+    """A prompt that leaves room for exactly one canvas runs with max_tokens=1; one token
+    longer, or a second canvas's worth of max_tokens, is refused."""
+    _, model = tiny
+    L, M = model.args.canvas_length, model.args.max_position_embeddings
+    next(generate_step(model, [5] * (M - L), max_tokens=1, max_denoising_steps=1))
+    for prompt, max_tokens in ((M - L + 1, 1), (M - 2 * L + 1, L + 1)):
+        with pytest.raises(UserError, match="exceeds the model's context"):
+            next(generate_step(model, [5] * prompt, max_tokens=max_tokens))
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(UserError, match="config.json is missing"):
         load_model(tmp_path)
