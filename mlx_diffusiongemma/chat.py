@@ -272,10 +272,9 @@ class _Turn:
         """The images whose tokens lie after the reused prefix (they must be encoded)."""
         if not self.images:
             return []
-        from .images import image_runs
+        from .images import images_after
 
-        runs = image_runs(self.ids, image_token_id)
-        return [image for (start, _), image in zip(runs, self.images) if start >= self.start]
+        return images_after(self.ids, self.images, image_token_id, self.start)
 
     def cached_ids(self) -> list:
         # generate_step encodes the prompt before its first event and a committed canvas

@@ -321,11 +321,20 @@ def image_runs(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]
     return runs
 
 
+def images_after(ids: Sequence[int], images: Sequence[PreparedImage], image_token_id: int, start: int) -> list:
+    """The `images` of `ids` (one per run of image tokens, in order) whose run begins at or
+    after `start`: those a cache holding `ids[:start]` has not encoded yet."""
+    return [image for (a, _), image in zip(image_runs(ids, image_token_id), images) if a >= start]
+
+
 def prefix_keys(ids: Sequence[int], images: Sequence[PreparedImage], image_token_id: int) -> list:
-    """`ids` with each image token replaced by (its image's digest, its index): what a
-    prompt cache compares, so a different image at the same place is not reused."""
+    """`ids` with each image token replaced by (its image's digest, its index) and the boi
+    token before it by (digest, -1): what a prompt cache compares, so a different image at
+    the same place is not reused. Keying the boi too keeps a reused prefix from ending
+    between a boi and its image tokens, where the rest would no longer read as an
+    expanded image."""
     keys = list(ids)
     runs = image_runs(ids, image_token_id)
     for (start, end), image in zip(runs, images):
-        keys[start:end] = [(image.digest, j) for j in range(end - start)]
+        keys[max(start - 1, 0) : end] = [(image.digest, j) for j in range(-1 if start else 0, end - start)]
     return keys

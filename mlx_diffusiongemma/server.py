@@ -23,6 +23,14 @@ only, so prompt + text + suffix is the filled document; the answer ends when the
 written (finish reason `stop`). `usage.prompt_tokens` counts the prefix (with BOS) and the
 suffix, `completion_tokens` the hole. A token-id prompt cannot take a suffix.
 
+Images: chat messages take OpenAI's `image_url` content parts whose `url` is a `data:`
+URL (base64 PNG, JPEG, ...); http(s) URLs are fetched only when the server was started
+with `allow_remote_images` (bounded in size and time), and nothing else (no local paths)
+is read. Each image becomes its placeholder in the chat template and its soft tokens in
+the prompt (`images.py`); the prompt cache matches images by their pixels, so a follow-up
+turn about the same image reuses its encoding. A model loaded text-only, or one without a
+vision tower, answers a request with images with a 400.
+
 Pinned positions (an extension on both endpoints): `"pinned": {"0": 1234, "5": 99}` maps
 output positions (0 = the first generated token) to token ids that the sampler holds there
 (`GenerationSettings.pinned`); positions are below `max_tokens`, ids in the vocabulary,
@@ -68,6 +76,7 @@ from .generate import (
     encode_text,
     stream_generate,
 )
+from .images import images_after
 from .infill import FillPlan, plan_fill
 from .prompt_cache import PromptCache, common_prefix, reply_keep
 from .tool_parsing import OutputParser, Parsed
@@ -125,6 +134,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
+    image_url: dict | str | None = None
 
 
 class Message(BaseModel):
@@ -181,25 +191,43 @@ def _stops(stop) -> list[str]:
     return [repair_text(s) for s in stops if s]
 
 
-def _text_of(content, index: int) -> str:
+def _content_of(content, index: int, images: list[tuple[int, str]]) -> str | list[dict]:
+    """A message's content as the template reads it: text, or (when it holds images) text
+    and `{"type": "image"}` parts in order, each image's (message index, URL) appended to
+    `images`."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return repair_text(content or "")
     parts = []
     for part in content:
-        if part.type != "text" or part.text is None:
-            raise APIError(400, f"content parts of type {part.type!r} are not supported (text only)",
+        if part.type == "text" and part.text is not None:
+            parts.append({"type": "text", "text": repair_text(part.text)})
+        elif part.type == "image_url":
+            images.append((index, _image_url_of(part, index)))
+            parts.append({"type": "image"})
+        else:
+            raise APIError(400, f"content parts of type {part.type!r} are not supported (text and image_url)",
                            f"messages.{index}.content")
-        parts.append(part.text)
-    return "".join(parts)
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
 
 
-def template_messages(messages: list[Message]) -> list[dict]:
-    """Messages as the chat template reads them: text content, tool-call arguments as
-    mappings, and each tool result named after the call it answers."""
+def _image_url_of(part: ContentPart, index: int) -> str:
+    url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
+    if not isinstance(url, str) or not url:
+        raise APIError(400, "an image_url part needs {\"url\": \"data:image/png;base64,...\"}",
+                       f"messages.{index}.content")
+    return url
+
+
+def template_messages(messages: list[Message]) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Messages as the chat template reads them (text or text-and-image content, tool-call
+    arguments as mappings, each tool result named after the call it answers) and their
+    images in order, as (message index, URL)."""
     names: dict[str, str] = {}
-    out = []
+    out, images = [], []
     for i, m in enumerate(messages):
-        item: dict[str, Any] = {"role": m.role, "content": repair_text(_text_of(m.content, i))}
+        item: dict[str, Any] = {"role": m.role, "content": _content_of(m.content, i, images)}
         if m.tool_calls:
             item["tool_calls"] = [_template_call(call, i, names) for call in m.tool_calls]
         if m.role == "tool":
@@ -208,7 +236,7 @@ def template_messages(messages: list[Message]) -> list[dict]:
         elif m.name:
             item["name"] = m.name
         out.append(item)
-    return out
+    return out, images
 
 
 def _template_call(call: dict, index: int, names: dict[str, str]) -> dict:
@@ -305,6 +333,9 @@ class Job:
     drafts: bool
     loop: asyncio.AbstractEventLoop
     fill: FillPlan | None = None
+    # The prompt's images (`PreparedImage`s) and the ids as the prompt cache compares them.
+    images: list = field(default_factory=list)
+    keys: list | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0
@@ -321,8 +352,8 @@ class Engine:
     """The worker thread: loads the model, then runs queued jobs one at a time."""
 
     def __init__(self, model_path: str, cache_entries: int = 4, cache_bytes: int = 2 << 30,
-                 adapter_path: str | None = None):
-        self.model_path, self.adapter_path = model_path, adapter_path
+                 adapter_path: str | None = None, text_only: bool = False):
+        self.model_path, self.adapter_path, self.text_only = model_path, adapter_path, text_only
         self.cache_entries, self.cache_bytes = cache_entries, cache_bytes
         self.jobs: queue.Queue = queue.Queue()
         self.ready = threading.Event()
@@ -343,7 +374,7 @@ class Engine:
             from .loading import load
 
             adapter = {"adapter_path": self.adapter_path} if self.adapter_path else {}
-            self.model, self.tokenizer = load(self.model_path, **adapter)
+            self.model, self.tokenizer = load(self.model_path, text_only=self.text_only, **adapter)
             # Sliding layers keep enough to step back over a default-length reply.
             keep = reply_keep(self.model.args, GenerationSettings.resolve(self.model).max_tokens)
             self.caches = PromptCacheLRU(self.model, keep, self.cache_entries, self.cache_bytes)
@@ -370,11 +401,12 @@ class Engine:
             self.stats["cancelled"] += 1
             job.send("done", finish_reason="cancelled", usage=None)
             return
-        entry, reused = self.caches.take(job.ids)
+        entry, reused = self.caches.take(job.keys or job.ids)
         hole = _HoleText(self.tokenizer, job.fill, self.model.args) if job.fill else None
         run = _Run(job, reused, hole)
+        images = images_after(job.ids, job.images, self.model.args.image_token_id, reused) if job.images else None
         stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
-                                 settings=job.settings)
+                                 settings=job.settings, images=images or None)
         try:
             finish = run.consume(stream)
         except Exception as e:  # noqa: BLE001  (one request's failure never stops the server)
@@ -432,10 +464,11 @@ class _Run:
         self.tokens = self.hole.tokens
         return text, filled
 
-    def cached_ids(self) -> list[int]:
+    def cached_ids(self) -> list:
+        keys = self.job.keys or self.job.ids
         if not self.events:
-            return self.job.ids[: self.reused]
-        return self.job.ids + [t for c in self.canvases[: self.current] for t in c]
+            return keys[: self.reused]
+        return keys + [t for c in self.canvases[: self.current] for t in c]
 
     def usage(self) -> dict:
         # A fill's suffix is input the client sent and the model read, not written output.
@@ -484,6 +517,8 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     cache_entries: int = 4
     cache_bytes: int = 2 << 30
+    text_only: bool = False
+    allow_remote_images: bool = False
 
 
 class Guard:
@@ -592,8 +627,13 @@ class Server:
         thinking = thinking_of(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         tools = req.tools if req.tools and req.tool_choice != "none" else None
-        ids = await asyncio.to_thread(self._render, template_messages(req.messages), tools, thinking)
+        messages, urls = template_messages(req.messages)
+        ids = await asyncio.to_thread(self._render, messages, tools, thinking)
+        images, keys = [], None
+        if urls:
+            ids, images, keys = await asyncio.to_thread(self._images, ids, urls)
         job = self._job(req, ids, max_tokens, "messages")
+        job.images, job.keys = images, keys
         kind = ChatFormat(self.model_id, req)
         return await self._answer(req, request, job, kind)
 
@@ -637,6 +677,39 @@ class Server:
             raise APIError(400, f"the model's chat template cannot render this request ({first_line(e)})",
                            "tools" if tools else "messages") from None
         return [int(t) for t in (ids["input_ids"] if isinstance(ids, dict) else ids)]
+
+    def _images(self, ids: list[int], urls: list[tuple[int, str]]) -> tuple[list[int], list, list]:
+        """The prompt's ids with each image's soft tokens, its `PreparedImage`s and the
+        prompt cache's keys; a bad or unreadable image is a 400 naming its message."""
+        from .images import check_takes_images, expand_for, prefix_keys, prepare_for
+
+        model = self.engine.model
+        try:
+            check_takes_images(model)
+        except UserError as e:
+            raise APIError(400, str(e), f"messages.{urls[0][0]}.content") from None
+        prepared = []
+        for index, url in urls:
+            try:
+                prepared += prepare_for(model, [self._load_image(url)])
+            except UserError as e:
+                raise APIError(400, str(e), f"messages.{index}.content") from None
+        try:
+            ids = expand_for(model, ids, prepared)
+        except UserError as e:
+            raise APIError(400, str(e), "messages") from None
+        return ids, prepared, prefix_keys(ids, prepared, model.args.image_token_id)
+
+    def _load_image(self, url: str):
+        from .images import load_image
+
+        if not url.startswith(("data:", "http://", "https://")):
+            raise UserError(f"image_url {url[:40]!r} is not a data: or http(s) URL; send the image "
+                            "as data:image/png;base64,...")
+        if url.startswith("http") and not self.config.allow_remote_images:
+            raise UserError("this server does not fetch image URLs (start it with --allow-remote-images); "
+                            "send the image as a data: URL")
+        return load_image(url, allow_remote=self.config.allow_remote_images)
 
     def _job(self, req: _Request, ids: list[int], max_tokens, prompt_field: str) -> Job:
         settings = self._settings(req, max_tokens)
@@ -931,7 +1004,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def build_server(config: ServerConfig) -> Server:
     """Load the model (on the generation thread) and return the server around it."""
-    engine = Engine(config.model, config.cache_entries, config.cache_bytes, config.adapter_path)
+    engine = Engine(config.model, config.cache_entries, config.cache_bytes, config.adapter_path, config.text_only)
     engine.start()
     return Server(config, engine)
 

@@ -16,11 +16,9 @@ from mlx_diffusiongemma.images import expand_image_tokens, prepare_image
 from mlx_diffusiongemma.models import diffusion_gemma
 from mlx_diffusiongemma.models.tiny import tiny_config
 from reference import randomize, relative_error, to_numpy
+from vision_fixtures import BUDGET, CANVAS, PATCH, picture, vision_chat_model
 
 IMAGE, BOI, EOI = 150, 151, 152
-PATCH = 4
-BUDGET = 70  # soft tokens per image at most: up to 630 patches of 4 x 4 pixels
-CANVAS = 8
 # Two towers: grouped-query attention with clipped linears and standardized features; and
 # plain multi-head attention. The text windows are shorter than an image, so image tokens
 # must see each other beyond the sliding window.
@@ -69,16 +67,6 @@ def pair(request, tmp_path_factory):
 
 def processor(budget: int = BUDGET) -> Gemma4ImageProcessorPil:
     return Gemma4ImageProcessorPil(patch_size=PATCH, max_soft_tokens=budget, pooling_kernel_size=3)
-
-
-def picture(h: int, w: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    rng = np.random.RandomState(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    # Smooth gradients plus noise: bicubic resizing over- and undershoots on both.
-    y, x = np.mgrid[0:h, 0:w]
-    base = (x * 255 // max(w - 1, 1) + y * 128 // max(h - 1, 1))[..., None] % 256
-    pixels = (base + rng.randint(0, 60, (h, w, channels))).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
 
 
 IMAGES = {
@@ -275,42 +263,12 @@ def test_generate_step_commits_the_reference_tokens_with_an_image(pair, monkeypa
 
 # ---------------------------------------------------------------- chat and the text API
 
-def image_tokenizer(path) -> dict:
-    """A Gemma-4-style tokenizer whose template writes image content parts as `<|image|>`;
-    returns the ids of boi, image and eoi."""
-    from mlx_diffusiongemma.demos.sudoku.tokenizer import build_tokenizer
-    from tokenizers import Tokenizer
-
-    build_tokenizer(path, extra_tokens=["<|image>", "<|image|>", "<image|>"], vocab_size=512)
-    template = (path / "chat_template.jinja").read_text()
-    text_only = """{%- if part['type'] != 'text' -%}
-                {{- raise_exception('Only text content is supported, got: ' ~ part['type']) -}}
-            {%- endif -%}
-            {{- part['text'] | trim -}}"""
-    assert text_only in template
-    with_images = "{%- if part['type'] == 'image' -%}{{- '<|image|>' -}}{%- else -%}{{- part['text'] | trim -}}{%- endif -%}"
-    (path / "chat_template.jinja").write_text(template.replace(text_only, with_images))
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return {name: tok.token_to_id(t) for name, t in
-            (("boi", "<|image>"), ("image", "<|image|>"), ("eoi", "<image|>"))}
-
-
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     from mlx_diffusiongemma import load
 
     path = tmp_path_factory.mktemp("vision-chat")
-    ids = image_tokenizer(path)
-    cfg = tiny_config(CANVAS, vocab_size=512, sliding_window=16)
-    vision = dict(cfg["vision_config"], patch_size=PATCH, pooling_kernel_size=3, position_embedding_size=256)
-    config = DiffusionGemmaConfig(text_config=cfg["text_config"], vision_config=vision, canvas_length=CANVAS,
-                                  image_token_id=ids["image"], boi_token_id=ids["boi"], eoi_token_id=ids["eoi"],
-                                  vision_soft_tokens_per_image=BUDGET)
-    torch.manual_seed(0)
-    ref = DiffusionGemmaForBlockDiffusion(config).eval()
-    randomize(ref, 0, 0.6)
-    ref.save_pretrained(path)
-    image_tokenizer(path)  # save_pretrained leaves the tokenizer files alone; rewrite to be sure
+    ids = vision_chat_model(path)
     model, tokenizer = load(path, text_only=False)
     return path, model, tokenizer, ids
 
@@ -350,7 +308,7 @@ def test_chat_reuses_the_cache_over_an_image_and_runs_the_tower_once(chat_model,
     assert first.reused_tokens == 0 and second.reused_tokens > image_end
     assert len(calls) == 1
     # The reused cache gives the logits of a fresh encoding of the same prompt and image.
-    plain = [ids["image"] if isinstance(k, tuple) else k for k in cached]
+    plain = [k if not isinstance(k, tuple) else ids["boi"] if k[1] == -1 else ids["image"] for k in cached]
     fresh = model.make_cache()
     model.encode(mx.array([plain]), fresh, model.embed_images(session.images))
     canvas = mx.array([list(range(10, 10 + CANVAS))])
@@ -367,8 +325,10 @@ def test_chat_does_not_reuse_a_different_image_at_the_same_place(chat_model):
     list(session.reply("Describe it.", images=[first]))
     session.messages, session.images = [], []  # same words, another image
     list(session.reply("Describe it.", images=[other]))
-    boi = session.prompt_cache.ids.index(ids["boi"])
-    assert session.last_turn.reused_tokens <= boi + 1
+    # The image's keys begin at its boi: the reused prefix ends before it.
+    boi = next(i for i, k in enumerate(session.prompt_cache.ids) if isinstance(k, tuple))
+    assert session.prompt_cache.ids[boi] == (other.digest, -1)
+    assert session.last_turn.reused_tokens <= boi
 
 
 def test_stream_generate_with_an_image_commits_what_generate_step_does(chat_model):

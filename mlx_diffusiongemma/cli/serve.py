@@ -33,6 +33,11 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted (413 beyond).")] = 4 << 20,
     prompt_cache_size: Annotated[int, typer.Option(min=1, help="Encoder caches of recent prompts kept for reuse.")] = 4,
     prompt_cache_bytes: Annotated[int, typer.Option(min=0, help="Bytes those caches may hold together.")] = 2 << 30,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="Leave the vision tower out (saves its memory; requests with images get 400).")] = False,
+    allow_remote_images: Annotated[bool, typer.Option(
+        "--allow-remote-images", help="Fetch http(s) image URLs in requests (by default only data: URLs are "
+        "read; fetching lets clients make this machine request any address).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ):
     """Serve the model over the OpenAI API: /v1/chat/completions, /v1/completions,
@@ -49,6 +54,7 @@ def serve(
              f"(set --api-key or {API_KEY_ENV})")
     config = ServerConfig(model=model or DEFAULT_MODEL, adapter_path=adapter_path, api_key=api_key or None, max_queue=max_queue,
                           max_body_bytes=max_body_bytes, cache_entries=prompt_cache_size,
-                          cache_bytes=prompt_cache_bytes)
+                          cache_bytes=prompt_cache_bytes, text_only=text_only,
+                          allow_remote_images=allow_remote_images)
     info(f"loading {config.model} ...")
     run(config, host=host, port=port, log_level=log_level)
