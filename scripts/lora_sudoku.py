@@ -4,7 +4,8 @@ model shipped in `mlx_diffusiongemma/demos/sudoku/model` is its output.
 The base (`scripts/sudoku_base`, trained by train_sudoku.py on 20-54 blanks) solves about
 1% of 50-blank puzzles. This script writes a data folder in mlx-lm's chat format
 (generated puzzles with unique solutions, relabelled by Sudoku symmetries; most at 50
-blanks, some easier ones replayed so that 30 and 40 blanks are kept), trains a LoRA
+blanks, some easier ones replayed so that 30 and 40 blanks are kept; the givens marked as
+`pinned_spans`, kept clean in half the examples as `pin_givens` holds them), trains a LoRA
 adapter with the block-diffusion objective through the package's own fine-tuning code,
 fuses it into a float32 model directory (OUT/fused), and ships it: fused into the 4-bit
 base and re-quantized with its bits per layer (as `mlx-diffusiongemma fuse` writes it),
