@@ -196,7 +196,7 @@ def accuracy(method, model, tokenizer, cases: list[tuple[str, str]], batch: int,
             runs.append(r)
     summary = mean(runs, ("solved", "cell_accuracy", "steps", "tokens_per_forward", "forwards"))
     # Per puzzle, so runs over different numbers of the same puzzles can be compared.
-    return {**summary, "solved_each": [bool(r["solved"]) for r in runs]}
+    return {**summary, "solved_each": [bool(r["solved"]) for r in runs], "answer_each": [r["answer"] for r in runs]}
 
 
 def timing(method, model, tokenizer, cases: list[tuple[str, str]], **options) -> dict:

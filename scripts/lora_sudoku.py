@@ -4,8 +4,9 @@ model shipped in `mlx_diffusiongemma/demos/sudoku/model` is its output.
 The base (`scripts/sudoku_base`, trained by train_sudoku.py on 20-54 blanks) solves about
 1% of 50-blank puzzles. This script writes a data folder in mlx-lm's chat format
 (generated puzzles with unique solutions, relabelled by Sudoku symmetries; most at 50
-blanks, some easier ones replayed so that 30 and 40 blanks are kept; the givens marked as
-`pinned_spans`, kept clean in half the examples as `pin_givens` holds them), trains a LoRA
+blanks, some easier ones replayed so that 30 and 40 blanks are kept; with `--pinned-rate R`
+the givens are marked as `pinned_spans` and kept clean, as `pin_givens` holds them, in that
+share of the examples: measured and not shipped, benchmarks/README.md), trains a LoRA
 adapter with the block-diffusion objective through the package's own fine-tuning code,
 fuses it into a float32 model directory (OUT/fused), and ships it: fused into the 4-bit
 base and re-quantized with its bits per layer (as `mlx-diffusiongemma fuse` writes it),
@@ -45,16 +46,19 @@ VALID_SEED = 3_500_000
 BLANKS = 50
 
 
-def chat_line(puzzle: np.ndarray, solution: np.ndarray) -> str:
-    """A chat line whose answer marks the givens as `pinned_spans` (what `pin_givens` pins:
-    cell k is character 10 * (k // 9) + k % 9 of the formatted grid)."""
+def chat_line(puzzle: np.ndarray, solution: np.ndarray, pinned: bool) -> str:
+    """A chat line; with `pinned` its answer marks the givens as `pinned_spans` (what
+    `pin_givens` pins: cell k is character 10 * (k // 9) + k % 9 of the formatted grid)."""
     messages = [{"role": "user", "content": sudoku.format_grid(base.to_grid(puzzle))},
                 {"role": "assistant", "content": sudoku.format_grid(base.to_grid(solution))}]
+    if not pinned:
+        return json.dumps({"messages": messages})
     spans = [[10 * (k // 9) + k % 9, 10 * (k // 9) + k % 9 + 1] for k in map(int, np.flatnonzero(puzzle))]
     return json.dumps({"messages": messages, "pinned_spans": spans})
 
 
-def write_data(out: Path, n_train: int, pool_size: int, replay: float, n_valid: int, seed: int) -> Path:
+def write_data(out: Path, n_train: int, pool_size: int, replay: float, n_valid: int, seed: int,
+               pinned: bool = False) -> Path:
     """train.jsonl: `n_train` relabelled copies of a pool of 50-blank puzzles, a `replay`
     share with cells revealed down to 30-45 blanks; valid.jsonl: other 50-blank puzzles."""
     rng = np.random.default_rng(seed)
@@ -63,13 +67,13 @@ def write_data(out: Path, n_train: int, pool_size: int, replay: float, n_valid: 
     lines = []
     for i in rng.integers(0, len(pool), n_train):
         blanks = int(rng.integers(30, 46)) if rng.random() < replay else BLANKS
-        lines.append(chat_line(*base.augment(puzzles[i], solutions[i], blanks, rng)))
+        lines.append(chat_line(*base.augment(puzzles[i], solutions[i], blanks, rng), pinned))
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     valid = sudoku.make_dataset(VALID_SEED, n_valid, BLANKS)
     (data / "valid.jsonl").write_text("\n".join(
-        chat_line(*base.to_cells([p, s])) for p, s in valid) + "\n")
+        chat_line(*base.to_cells([p, s]), pinned) for p, s in valid) + "\n")
     return data
 
 
@@ -86,7 +90,8 @@ def parse_args():
     p.add_argument("--replay", type=float, default=0.25, help="share of easier (30-45 blank) examples")
     p.add_argument("--noise-exponent", type=float, default=0.5)
     p.add_argument("--self-conditioning-rate", type=float, default=0.8)
-    p.add_argument("--pinned-rate", type=float, default=0.5, help="share of examples trained with the givens clean")
+    p.add_argument("--pinned-rate", type=float, default=0.0,
+                   help="share of examples trained with the givens clean (0: givens not marked, as shipped)")
     p.add_argument("--save-every", type=int, default=400)
     p.add_argument("--steps-per-eval", type=int, default=400)
     p.add_argument("--no-ship", action="store_true", help="leave the package's model as it is")
@@ -97,7 +102,7 @@ def main():
     args = parse_args()
     out = args.out
     tic = time.perf_counter()
-    data = write_data(out, args.iters * args.batch_size, args.pool_size, args.replay, 64, SEED)
+    data = write_data(out, args.iters * args.batch_size, args.pool_size, args.replay, 64, SEED, args.pinned_rate > 0)
     print(f"wrote {data} in {time.perf_counter() - tic:.0f}s", flush=True)
     model, tokenizer = load(base.BASE_MODEL)
     from mlx_lm.utils import dequantize_model
