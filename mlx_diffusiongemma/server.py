@@ -333,13 +333,19 @@ class Job:
     drafts: bool
     loop: asyncio.AbstractEventLoop
     fill: FillPlan | None = None
-    # The prompt's images (`PreparedImage`s) and the ids as the prompt cache compares them.
+    # The prompt's images (`PreparedImage`s) and, with images, the ids as the prompt cache
+    # compares them (`images.prefix_keys`).
     images: list = field(default_factory=list)
     keys: list | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: float = 0.0
     released: bool = False
+
+    @property
+    def cache_keys(self) -> list:
+        """What the prompt cache compares: `keys` with images, else the ids."""
+        return self.ids if self.keys is None else self.keys
 
     def send(self, kind: str, **payload) -> None:
         try:
@@ -401,10 +407,10 @@ class Engine:
             self.stats["cancelled"] += 1
             job.send("done", finish_reason="cancelled", usage=None)
             return
-        entry, reused = self.caches.take(job.keys or job.ids)
+        entry, reused = self.caches.take(job.cache_keys)
         hole = _HoleText(self.tokenizer, job.fill, self.model.args) if job.fill else None
         run = _Run(job, reused, hole)
-        images = images_after(job.ids, job.images, self.model.args.image_token_id, reused) if job.images else None
+        images = images_after(job.ids, job.images, self.model.args.image_token_id, reused) if job.images else []
         stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
                                  settings=job.settings, images=images or None)
         try:
@@ -465,7 +471,7 @@ class _Run:
         return text, filled
 
     def cached_ids(self) -> list:
-        keys = self.job.keys or self.job.ids
+        keys = self.job.cache_keys
         if not self.events:
             return keys[: self.reused]
         return keys + [t for c in self.canvases[: self.current] for t in c]
@@ -632,8 +638,7 @@ class Server:
         images, keys = [], None
         if urls:
             ids, images, keys = await asyncio.to_thread(self._images, ids, urls)
-        job = self._job(req, ids, max_tokens, "messages")
-        job.images, job.keys = images, keys
+        job = self._job(req, ids, max_tokens, "messages", images=images, keys=keys)
         kind = ChatFormat(self.model_id, req)
         return await self._answer(req, request, job, kind)
 
@@ -685,7 +690,7 @@ class Server:
 
         model = self.engine.model
         try:
-            check_takes_images(model)
+            check_takes_images(model)  # before any image is decoded or fetched for nothing
         except UserError as e:
             raise APIError(400, str(e), f"messages.{urls[0][0]}.content") from None
         prepared = []
@@ -711,11 +716,12 @@ class Server:
                             "send the image as a data: URL")
         return load_image(url, allow_remote=self.config.allow_remote_images)
 
-    def _job(self, req: _Request, ids: list[int], max_tokens, prompt_field: str) -> Job:
+    def _job(self, req: _Request, ids: list[int], max_tokens, prompt_field: str, **extra) -> Job:
         settings = self._settings(req, max_tokens)
         self._check_context(len(ids), settings.max_tokens, prompt_field,
                             f"the prompt ({len(ids)} tokens) and max_tokens={settings.max_tokens}")
-        return Job(ids, settings, _stops(req.stop), req.stream and req.stream_drafts, asyncio.get_running_loop())
+        return Job(ids, settings, _stops(req.stop), req.stream and req.stream_drafts, asyncio.get_running_loop(),
+                   **extra)
 
     def _fill_job(self, req: CompletionRequest, prefix) -> Job:
         """Fill-in-the-middle: the prompt is the text before a hole of max_tokens tokens,

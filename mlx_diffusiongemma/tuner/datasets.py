@@ -106,22 +106,21 @@ class Renderer:
         if not answer.strip():
             raise ValueError("the assistant's answer is empty")
         prompt = self.tokenizer.encode(prompt_text, add_special_tokens=False)
-        if spans is None:
-            return Example(prompt, self.tokenizer.encode(answer.strip(), add_special_tokens=False) + [self.eot])
         text = answer.strip()
-        shift = len(answer) - len(answer.lstrip())
-        ids, offsets = self._encode_with_offsets(text)
-        ranges = [(a - shift, b - shift) for a, b in check_spans(spans, len(answer))]
-        pinned = tuple(i for i, (a, b) in enumerate(offsets) if a < b and any(s <= a and b <= e for s, e in ranges))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        pinned = () if spans is None else self._pinned(text, ids, check_spans(spans, len(answer)),
+                                                       len(answer) - len(answer.lstrip()))
         return Example(prompt, ids + [self.eot], pinned)
 
-    def _encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+    def _pinned(self, text: str, ids: list[int], spans: list[tuple[int, int]], shift: int) -> tuple[int, ...]:
+        """Indices of the tokens of `text` (the answer with `shift` leading characters
+        stripped) lying wholly inside one of `spans` (offsets into the unstripped answer)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         enc = None if backend is None else backend.encode(text, add_special_tokens=False)
         if enc is None or enc.ids != ids:
             raise ValueError("\"pinned_spans\" needs a fast tokenizer (tokenizer.json) that maps tokens to characters")
-        return ids, enc.offsets
+        ranges = [(a - shift, b - shift) for a, b in spans]
+        return tuple(i for i, (a, b) in enumerate(enc.offsets) if a < b and any(s <= a and b <= e for s, e in ranges))
 
 
 def check_spans(spans, length: int) -> list[tuple[int, int]]:

@@ -6,11 +6,11 @@ canvases (clean, as committed) run through the causal encoder; the canvas is cor
 with uniform random tokens at a level t drawn per example; the bidirectional decoder reads
 the encoder's keys and values and is trained to predict the clean canvas. Only answer
 positions up to and including the EOS are supervised: never the prompt, never the padding
-after the EOS. An example's pinned positions (given at generation time, see
-`datasets`) are kept clean in a share of the examples, as the sampler holds them, so the
-model learns to fill the rest around them. In a share of the steps a detached first decoder pass gives the logits that
-self-condition the second, as the sampler feeds back its previous step. An optional
-encoder co-loss trains the causal pass on next-token prediction over the answer.
+after the EOS. An example's pinned positions (given at generation time, see `datasets`)
+are kept clean in a share of the examples, as the sampler holds them, so the model learns
+to fill the rest around them. In a share of the steps a detached first decoder pass gives
+the logits that self-condition the second, as the sampler feeds back its previous step.
+An optional encoder co-loss trains the causal pass on next-token prediction over the answer.
 
 A batch left-pads the encoder inputs to one length and masks the padding out of every
 attention: the model's RoPE is relative, so each row computes what it would alone.
