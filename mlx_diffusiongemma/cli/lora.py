@@ -8,20 +8,23 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError, first_line
+from ..tuner.args import LoRATrainingArgs, ObjectiveArgs
 from .app import EXIT_INTERRUPTED, app, info
 
-# Defaults where nothing is given on the command line or in the config file; the
-# objective's defaults are `ObjectiveArgs`'.
+# Defaults where nothing is given on the command line or in the config file: the
+# loop's and the objective's are their dataclasses'.
 DEFAULTS = dict(
-    model=None, data="data", adapter_path="adapters", iters=1000, batch_size=4, learning_rate=1e-5,
-    num_layers=16, steps_per_report=10, steps_per_eval=200, val_batches=25, save_every=100,
-    grad_accumulation_steps=1, max_seq_length=2048, seed=0, test=False, test_batches=500,
-    resume_adapter_file=None, lr_schedule=None, grad_checkpoint=False, mask_prompt=False,
-    noise_min=1e-3, noise_exponent=0.5, self_conditioning_rate=0.8, clean_weight=1.0, pinned_rate=0.5,
-    encoder_loss_weight=0.0,
-    lora_parameters=None, fine_tune_type="lora",
+    model=None, data="data", adapter_path="adapters", num_layers=16, test=False, test_batches=500,
+    resume_adapter_file=None, lora_parameters=None, fine_tune_type="lora",
+    **{f.name: f.default for f in fields(LoRATrainingArgs) if f.name not in ("objective", "adapter_file")},
+    **{f.name: f.default for f in fields(ObjectiveArgs)},
 )
 LORA_FIELDS = ("rank", "scale", "dropout", "keys")
+
+
+def shown(name: str) -> str:
+    """A default as `--help` shows it."""
+    return str(DEFAULTS[name])
 
 
 def read_config(path: Path) -> dict:
@@ -60,8 +63,6 @@ def resolve(cli: dict, config_file: Path | None) -> dict:
 
 
 def training_args(s: dict):
-    from ..tuner.finetune import LoRATrainingArgs, ObjectiveArgs
-
     objective = ObjectiveArgs(**{f.name: s[f.name] for f in fields(ObjectiveArgs) if f.name in s})
     names = {f.name for f in fields(LoRATrainingArgs)} - {"objective", "adapter_file"}
     return LoRATrainingArgs(**{k: s[k] for k in names}, objective=objective,
@@ -73,15 +74,15 @@ def lora(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model directory or Hugging Face repo id "
                                               "(quantized: QLoRA).", show_default="none")] = None,
     data: Annotated[str | None, typer.Option(help="Folder with train.jsonl, valid.jsonl, test.jsonl.",
-                                             show_default=DEFAULTS["data"])] = None,
+                                             show_default=shown("data"))] = None,
     adapter_path: Annotated[str | None, typer.Option(help="Where adapters are saved (and read for --test).",
-                                                     show_default=DEFAULTS["adapter_path"])] = None,
+                                                     show_default=shown("adapter_path"))] = None,
     iters: Annotated[int | None, typer.Option(min=0, help="Training iterations (0: only --test).",
-                                              show_default=str(DEFAULTS["iters"]))] = None,
+                                              show_default=shown("iters"))] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Examples per batch.",
-                                                   show_default=str(DEFAULTS["batch_size"]))] = None,
+                                                   show_default=shown("batch_size"))] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Adam learning rate.",
-                                                        show_default=str(DEFAULTS["learning_rate"]))] = None,
+                                                        show_default=shown("learning_rate"))] = None,
     rank: Annotated[int | None, typer.Option(min=1, help="LoRA rank.", show_default="8")] = None,
     scale: Annotated[float | None, typer.Option(help="LoRA scale (mlx-lm's: alpha / rank).",
                                                 show_default="20.0")] = None,
@@ -91,42 +92,45 @@ def lora(
         "--keys", help="Layer modules to adapt (repeatable), e.g. self_attn.q_proj, experts.gate_up_proj, "
                        "router.proj.", show_default="attention and dense MLP")] = None,
     num_layers: Annotated[int | None, typer.Option(help="Adapt the last N layers (-1: all).",
-                                                   show_default=str(DEFAULTS["num_layers"]))] = None,
+                                                   show_default=shown("num_layers"))] = None,
     mask_prompt: Annotated[bool | None, typer.Option(
         "--mask-prompt", help="Keep the prompt out of the encoder co-loss too (the canvas loss never "
                               "covers it).")] = None,
     grad_checkpoint: Annotated[bool | None, typer.Option(
         "--grad-checkpoint", help="Recompute each layer in the backward pass to save memory.")] = None,
-    grad_accumulation_steps: Annotated[int | None, typer.Option(min=1, help="Batches per optimizer update.",
-                                                                show_default="1")] = None,
+    grad_accumulation_steps: Annotated[int | None, typer.Option(
+        min=1, help="Batches per optimizer update.", show_default=shown("grad_accumulation_steps"))] = None,
     steps_per_report: Annotated[int | None, typer.Option(min=1, help="Iterations between loss reports.",
-                                                         show_default="10")] = None,
+                                                         show_default=shown("steps_per_report"))] = None,
     steps_per_eval: Annotated[int | None, typer.Option(min=0, help="Iterations between validations (0: never).",
-                                                       show_default="200")] = None,
+                                                       show_default=shown("steps_per_eval"))] = None,
     val_batches: Annotated[int | None, typer.Option(min=-1, help="Validation batches (-1: all).",
-                                                    show_default="25")] = None,
+                                                    show_default=shown("val_batches"))] = None,
     test_batches: Annotated[int | None, typer.Option(min=-1, help="Test batches (-1: all).",
-                                                     show_default="500")] = None,
+                                                     show_default=shown("test_batches"))] = None,
     save_every: Annotated[int | None, typer.Option(min=0, help="Save a numbered checkpoint every N iterations.",
-                                                   show_default="100")] = None,
+                                                   show_default=shown("save_every"))] = None,
     resume_adapter_file: Annotated[str | None, typer.Option(help="Start from these adapter weights.",
                                                             show_default="none")] = None,
-    max_seq_length: Annotated[int | None, typer.Option(min=1, help="Longest encoder prefix (prompt + earlier "
-                                                       "canvases), cut from the left.", show_default="2048")] = None,
-    seed: Annotated[int | None, typer.Option(min=0, help="Seed of the batches and noise.", show_default="0")] = None,
+    max_seq_length: Annotated[int | None, typer.Option(
+        min=1, help="Longest encoder prefix (prompt + earlier canvases), cut from the left.",
+        show_default=shown("max_seq_length"))] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Seed of the batches and noise.",
+                                             show_default=shown("seed"))] = None,
     noise_exponent: Annotated[float | None, typer.Option(
         min=0.0, help="Corrupted fraction t = min + (1 - min) * u ** EXPONENT; below 1 leans to heavy noise.",
-        show_default=str(DEFAULTS["noise_exponent"]))] = None,
+        show_default=shown("noise_exponent"))] = None,
     noise_min: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Least corrupted fraction.",
-                                                    show_default="0.001")] = None,
+                                                    show_default=shown("noise_min"))] = None,
     self_conditioning_rate: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Share of steps trained with a detached self-conditioning pass.",
-        show_default=str(DEFAULTS["self_conditioning_rate"]))] = None,
+        show_default=shown("self_conditioning_rate"))] = None,
     pinned_rate: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Share of examples with \"pinned_spans\" trained with those tokens kept clean, "
-        "as generation with pinned positions holds them.", show_default=str(DEFAULTS["pinned_rate"]))] = None,
+        "as generation with pinned positions holds them.", show_default=shown("pinned_rate"))] = None,
     encoder_loss_weight: Annotated[float | None, typer.Option(
-        min=0.0, help="Weight of the encoder's next-token co-loss (0: off).", show_default="0.0")] = None,
+        min=0.0, help="Weight of the encoder's next-token co-loss (0: off).",
+        show_default=shown("encoder_loss_weight"))] = None,
     test: Annotated[bool | None, typer.Option("--test", help="Report the loss on test.jsonl afterwards.")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", exists=True, dir_okay=False,
                                                 help="YAML file of these options (mlx_lm.lora's keys).",

@@ -20,7 +20,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -29,6 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from ..models.diffusion_gemma import causal_mask, softcap
+from .args import LoRATrainingArgs, ObjectiveArgs
 from .datasets import Example
 from .lora import detach_routers
 
@@ -169,33 +170,6 @@ def lm_logits(model, x: mx.array) -> mx.array:
     return softcap(decoder.embed_tokens.as_linear(x), mx.array(model.args.final_logit_softcapping))
 
 
-@dataclass
-class ObjectiveArgs:
-    """Settings of the fine-tuning objective.
-
-    The corrupted fraction of a canvas is t = noise_min + (1 - noise_min) * u ** noise_exponent,
-    u ~ U(0, 1) per example; an exponent below 1 leans toward the heavy noise the sampler
-    starts from. Positions left clean weigh `clean_weight` in the loss. An example with
-    pinned positions keeps them clean with probability `pinned_rate` (t then applies to
-    its other positions) and is corrupted like any other otherwise, so both pinned and
-    free generation are trained.
-
-    The defaults lean toward what the sampler does (it starts from pure noise and
-    self-conditions every step): on the Sudoku fine-tune they solved 94.0% / 38.5% of
-    40 / 50-blank puzzles against 88.0% / 25.5% for the published recipes' exponent 1 and
-    rate 0.5 (benchmarks/README.md), at ~9% more time per step.
-    """
-
-    noise_min: float = 1e-3
-    noise_exponent: float = 0.5
-    self_conditioning_rate: float = 0.8
-    clean_weight: float = 1.0
-    pinned_rate: float = 0.5
-    encoder_loss_weight: float = 0.0
-    mask_prompt: bool = False
-    grad_checkpoint: bool = False
-
-
 def corrupt_canvas(canvas: mx.array, vocab_size: int, key: mx.array, noise_min: float, noise_exponent: float,
                    keep: mx.array | None = None):
     """Noisy canvas and replaced-position mask (uniform random tokens, level per row);
@@ -261,25 +235,6 @@ def iterate_batches(examples: list[Example], batch_size: int, L: int, pad_id: in
             yield make_batch(chunk, choices, L, pad_id, **batch_kw)
         if not loop:
             return
-
-
-@dataclass
-class LoRATrainingArgs:
-    """The loop's settings, named after mlx-lm's `TrainingArgs`."""
-
-    iters: int = 1000
-    batch_size: int = 4
-    learning_rate: float = 1e-5
-    steps_per_report: int = 10
-    steps_per_eval: int = 200
-    val_batches: int = 25
-    save_every: int = 100
-    adapter_file: str = "adapters/adapters.safetensors"
-    grad_accumulation_steps: int = 1
-    max_seq_length: int = 2048
-    seed: int = 0
-    lr_schedule: dict | None = None
-    objective: ObjectiveArgs = field(default_factory=ObjectiveArgs)
 
 
 @dataclass
