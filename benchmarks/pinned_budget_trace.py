@@ -5,10 +5,12 @@ many of those hold a wrong digit, and the blanks' mean entropy (means over the r
 The loop is `steps.denoise_canvas`'s arithmetic (the package's `capped_sampler_step` on the
 model's raw head logits, the same key chain shape) with the per-position entropies and
 accepted mask kept, which the public loop reduces to counts; it runs every step to the
-cap (no stop test), since the question is what each step accepts.
+cap (no stop test), since the question is what each step accepts. The pins enter the
+canvas after its first forward, as the package does; `--first-forward-pinned` puts them in
+the first forward too (the rule the table in benchmarks/README.md was recorded with).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 OPENBLAS_NUM_THREADS=1 \\
-        python benchmarks/pinned_budget_trace.py --blanks 30 --n 32
+        python benchmarks/pinned_budget_trace.py --blanks 30 --n 32 --first-forward-pinned
 """
 
 import argparse
@@ -37,7 +39,7 @@ def layout(tokenizer, cases, L: int):
     return given, ~given & cell[None], given_ids, solution
 
 
-def trace(model, tokenizer, cases, pinned: bool, seed: int) -> list[dict]:
+def trace(model, tokenizer, cases, pinned: bool, seed: int, first_forward_pinned: bool = False) -> list[dict]:
     s = GenerationSettings.resolve(model, seed=seed)
     B, L, V = len(cases), model.args.canvas_length, model.args.vocab_size
     given, blank, given_ids, solution = layout(tokenizer, cases, L)
@@ -51,7 +53,7 @@ def trace(model, tokenizer, cases, pinned: bool, seed: int) -> list[dict]:
     scaled = probs = None
     rows = []
     for n, cur in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
-        if pinned:
+        if pinned and (n > 1 or first_forward_pinned):
             canvas = mx.where(mask, mx.array(given_ids), canvas)
         raw = model.denoise(canvas, cache, scaled, self_conditioning_probs=probs, capped=False)
         inv_t = mx.array(1 / temperature(cur, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)
@@ -71,6 +73,8 @@ def main():
     parser.add_argument("--blanks", type=int, default=30)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-forward-pinned", action="store_true",
+                        help="the pins in the canvas's first forward too (the rule before)")
     args = parser.parse_args()
     model, tokenizer = load(DEFAULT_MODEL)
     model = dequantize_model(model)
@@ -78,7 +82,7 @@ def main():
     print("| decoding | step | givens' entropy (sum) | blanks accepted | of them wrong | blanks' mean entropy |")
     print("|---|---|---|---|---|---|")
     for pinned in (False, True):
-        for r in trace(model, tokenizer, cases, pinned, args.seed):
+        for r in trace(model, tokenizer, cases, pinned, args.seed, args.first_forward_pinned):
             if r["step"] <= 4 or r["step"] % 4 == 0:
                 print(f"| {'pinned' if pinned else 'free'} | {r['step']} | {r['givens_entropy']:.2f} | "
                       f"{r['blanks_accepted']:.2f} | {r['wrong_accepted']:.2f} | {r['blank_entropy']:.3f} |", flush=True)

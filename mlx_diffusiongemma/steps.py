@@ -48,20 +48,21 @@ def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, B: in
     final, done, steps = None, mx.zeros((B,), dtype=mx.bool_), [0] * B
     for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
         key, step_key = mx.random.split(key)
-        canvas = pin(canvas, pins)
         raw = model.denoise(canvas, cache, scaled, self_conditioning_probs=probs, capped=False,
                             self_conditioning_top_k=s.self_conditioning_top_k or None)
         inv_t = mx.array(1.0 / temperature(cur_step, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)
         keys = mx.random.split(step_key)
         scaled, probs, argmax, canvas, accepted, entropy = capped_sampler_step(
             raw, cap, bias, inv_t, bound, keys, pinned)
-        argmax = pin(argmax, pins)
         if confident:
             # With every draw accepted, `canvas` holds the draws.
             accepted = reveal_confident(probs, canvas, revealed, threshold, mx.array(cur_step == 1))
             held, revealed = mx.where(accepted, canvas, held), revealed | accepted
             canvas = renoise(held, revealed, V, keys[1])
             argmax = mx.where(revealed, held, argmax)
+        # Pins enter the canvas from its first renoising on; the first forward reads the
+        # canvas as it started (see `GenerationSettings.pinned`).
+        canvas, argmax = pin(canvas, pins), pin(argmax, pins)
         mean_entropy = free_mean(entropy, None if pins is None else pins.mask)
         stop = (mean_entropy < s.confidence_threshold) & rows_stable(argmax, history, s.stability_threshold)
         if confident:

@@ -100,6 +100,24 @@ def test_pins_hold_over_an_initial_canvas(tiny):
     assert (out[2], out[6]) == (300, 301)
 
 
+@pytest.mark.parametrize("speed", [dict(), dict(sampler="confidence", threshold=0.5)])
+def test_first_forward_reads_the_starting_canvas_and_later_ones_the_pins(tiny, monkeypatch, speed):
+    _, model, _, _ = tiny
+    seen = []
+    original = model.denoise
+    monkeypatch.setattr(model, "denoise",
+                        lambda canvas, *a, **k: seen.append(canvas.tolist()[0]) or original(canvas, *a, **k))
+    pinned = {2: 300, 6: 301, 9: 302}
+    events = list(generate_step(model, [2, 10], max_tokens=2 * CANVAS, initial_canvas=[5] * CANVAS, pinned=pinned,
+                                eos_token_ids=[], stability_threshold=0, confidence_threshold=1e-12, **FAST, **speed))
+    steps = [e.canvas for e in events if e.committed is None]
+    assert len(seen) == len(steps) and steps.count(0) > 1 and steps.count(1) > 1
+    for i, (canvas, c) in enumerate(zip(seen, steps)):
+        first = i == 0 or steps[i - 1] != c
+        pins = {p - CANVAS * c: t for p, t in pinned.items() if p // CANVAS == c}
+        assert all((canvas[p] == 5) if first else (canvas[p] == t) for p, t in pins.items())
+
+
 def test_batch_rows_have_their_own_pins(tiny):
     _, model, _, _ = tiny
     rows = [{1: 300, 9: 301}, {2: 302}]

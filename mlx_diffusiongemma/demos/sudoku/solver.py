@@ -20,8 +20,9 @@ from . import puzzles as sudoku
 DEFAULT_MODEL = Path(__file__).parent / "model"
 UNKNOWN = "?"
 # Off by default: on the 500 held-out puzzles per blank count the shipped model solves
-# fewer with its givens pinned (98.4 / 88.4 / 34.0% at 30 / 40 / 50 blanks against 99.4 /
-# 93.6 / 38.2% free, benchmarks/README.md); it copies the givens on its own.
+# 99.6 / 92.6 / 36.2% at 30 / 40 / 50 blanks with its givens pinned against 99.4 / 93.6 /
+# 38.2% free (benchmarks/README.md): level at 30, below at 40 and 50; it copies the givens
+# on its own.
 PIN_GIVENS = False
 
 
