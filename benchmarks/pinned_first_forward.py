@@ -28,7 +28,7 @@ from sudoku_eval import prompt_batch, puzzles, score_tokens
 WAYS = ("free", "pinned", "pinned from the first forward")
 
 
-def start_canvas(model, pins: dict[int, int], seed: int, with_pins: bool) -> tuple[int, ...]:
+def noise_start(model, pins: dict[int, int], seed: int, with_pins: bool) -> tuple[int, ...]:
     L, V = model.args.canvas_length, model.args.vocab_size
     noise = mx.random.randint(0, V, (L,), dtype=mx.int32, key=mx.random.key(seed)).tolist()
     return tuple(pins.get(p, t) if with_pins else t for p, t in enumerate(noise))
@@ -38,7 +38,7 @@ def solved(model, tokenizer, case: tuple[str, str], seed: int, way: str) -> bool
     puzzle, _ = case
     pins = given_pins(tokenizer, puzzle)
     extra = {} if way == "free" else {"pinned": pins}
-    start = start_canvas(model, pins, seed, way == WAYS[2])
+    start = noise_start(model, pins, seed, way == WAYS[2])
     s = GenerationSettings.resolve(model, seed=seed, initial_canvas=start, **extra)
     for event in generate_step(model, prompt_batch(tokenizer, [case]), settings=s):
         if event.committed is not None:

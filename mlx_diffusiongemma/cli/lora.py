@@ -11,12 +11,14 @@ from ..errors import UserError, first_line
 from ..tuner.args import LoRATrainingArgs, ObjectiveArgs
 from .app import EXIT_INTERRUPTED, app, info
 
+# LoRATrainingArgs fields built from other settings, not options of their own.
+DERIVED = ("objective", "adapter_file")
 # Defaults where nothing is given on the command line or in the config file: the
 # loop's and the objective's are their dataclasses'.
 DEFAULTS = dict(
     model=None, data="data", adapter_path="adapters", num_layers=16, test=False, test_batches=500,
     resume_adapter_file=None, lora_parameters=None, fine_tune_type="lora",
-    **{f.name: f.default for f in fields(LoRATrainingArgs) if f.name not in ("objective", "adapter_file")},
+    **{f.name: f.default for f in fields(LoRATrainingArgs) if f.name not in DERIVED},
     **{f.name: f.default for f in fields(ObjectiveArgs)},
 )
 LORA_FIELDS = ("rank", "scale", "dropout", "keys")
@@ -64,7 +66,7 @@ def resolve(cli: dict, config_file: Path | None) -> dict:
 
 def training_args(s: dict):
     objective = ObjectiveArgs(**{f.name: s[f.name] for f in fields(ObjectiveArgs) if f.name in s})
-    names = {f.name for f in fields(LoRATrainingArgs)} - {"objective", "adapter_file"}
+    names = {f.name for f in fields(LoRATrainingArgs)} - set(DERIVED)
     return LoRATrainingArgs(**{k: s[k] for k in names}, objective=objective,
                             adapter_file=str(Path(s["adapter_path"]) / "adapters.safetensors"))
 

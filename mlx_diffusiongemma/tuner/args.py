@@ -1,5 +1,5 @@
-"""The fine-tuning settings, apart from the training code so the CLI can read their
-defaults without importing MLX."""
+"""The fine-tuning settings, apart from the training code: the CLI reads their defaults
+(for its options and `--help`) without importing the trainer."""
 
 from dataclasses import dataclass, field
 
