@@ -41,9 +41,20 @@ class CanvasPins:
     all_pinned: bool
 
 
+def canvas_lengths(s, canvas_length: int) -> list[int]:
+    """Positions of each canvas a generation of `s.max_tokens` writes: whole canvases, as
+    the reference, or with `s.full_canvas` off a final canvas cut to the tokens that remain
+    (at least `s.min_canvas_length`, mlx-vlm's rule)."""
+    n = math.ceil(s.max_tokens / canvas_length)
+    remaining = s.max_tokens - (n - 1) * canvas_length
+    last = canvas_length if s.full_canvas else min(canvas_length, max(remaining, s.min_canvas_length))
+    return [canvas_length] * (n - 1) + [last]
+
+
 def context_needed(args, prompt_tokens: int, output_tokens: int) -> int:
     """Context positions a prompt and an output of these lengths take: every canvas is
-    committed whole, so the output counts in whole canvases."""
+    committed whole, so the output counts in whole canvases (an upper bound when the final
+    canvas is cut short)."""
     L = args.canvas_length
     return prompt_tokens + math.ceil(output_tokens / L) * L
 
@@ -64,12 +75,14 @@ def eos_bias(eos_token_ids, vocab_size: int, pins: CanvasPins | None) -> mx.arra
     return mx.where(banned, _BANNED_LOGIT, 0.0).astype(mx.float32)
 
 
-def open_canvas(model, s, key: mx.array, pins: CanvasPins | None, B: int):
-    """What a canvas's loop starts from: the key chain's next key, the first canvas (`s`'s
-    initial one or uniform noise), the (B, L) pinned mask and the EOS bias (or None)."""
-    L, V = model.args.canvas_length, model.args.vocab_size
+def open_canvas(model, s, key: mx.array, pins: CanvasPins | None, shape: tuple[int, int]):
+    """What a canvas of `shape` (B, L) starts from: the key chain's next key, the first
+    canvas (uniform noise, or the first L tokens of `s`'s initial one), the (B, L) pinned
+    mask and the EOS bias (or None)."""
+    (B, L), V = shape, model.args.vocab_size
     key, noise_key = mx.random.split(key)
-    canvas = start_canvas(s.initial_canvas, (B, L), V, noise_key)
+    initial = None if s.initial_canvas is None else s.initial_canvas[:L]
+    canvas = start_canvas(initial, (B, L), V, noise_key)
     pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
     return key, canvas, pinned, eos_bias(s.eos_token_ids, V, pins)
 

@@ -18,7 +18,7 @@ from typing import Generator, Mapping, Sequence
 
 import mlx.core as mx
 
-from .canvas import CanvasPins, StepEvent, context_needed, fully_pinned_event, open_canvas
+from .canvas import CanvasPins, StepEvent, canvas_lengths, context_needed, fully_pinned_event, open_canvas
 from .errors import UserError
 from .models.cache import cache_length
 from .models.sharding import broadcast
@@ -63,8 +63,12 @@ class GenerationSettings:
     Beyond the reference: `sampler="confidence"` reveals and holds a position once its
     sampled token has probability >= `threshold` (mlx-vlm's default rule) instead of the
     entropy budget; `self_conditioning_top_k` builds self-conditioning from each position's
-    k most probable tokens (0: the whole vocabulary, as the reference); `fast=True` sets
-    `FAST_PRESET` (at most 14 steps) under whatever is given explicitly.
+    k most probable tokens (0: the whole vocabulary, as the reference); `full_canvas=False`
+    cuts the final canvas to the tokens that remain of `max_tokens` (at least
+    `min_canvas_length`, at most the model's canvas; mlx-vlm's rule and names) and commits exactly `max_tokens`, where
+    the reference writes and commits whole canvases (an `initial_canvas` then seeds the cut
+    canvas with its first tokens); `fast=True` sets `FAST_PRESET` (at most 14 steps) under
+    whatever is given explicitly.
     """
 
     max_tokens: int = REFERENCE_DEFAULTS["max_tokens"]
@@ -77,6 +81,8 @@ class GenerationSettings:
     sampler: str = "entropy"
     threshold: float = 0.9
     self_conditioning_top_k: int = 0
+    full_canvas: bool = True
+    min_canvas_length: int = 64
     fast: bool = False
     eos_token_ids: tuple[int, ...] = ()
     seed: int | None = None
@@ -158,6 +164,9 @@ def _check_speed_settings(s: GenerationSettings, vocab_size: int) -> None:
     k = s.self_conditioning_top_k
     _check(_is_int(k) and 0 <= k <= vocab_size,
            f"self_conditioning_top_k must be an integer in [0, {vocab_size}] (0: whole vocabulary), got {k!r}")
+    _check(isinstance(s.full_canvas, bool), f"full_canvas must be True or False, got {s.full_canvas!r}")
+    m = s.min_canvas_length
+    _check(_is_int(m) and m >= 1, f"min_canvas_length must be an integer >= 1, got {m!r}")
 
 
 def _is_int(value) -> bool:
@@ -337,7 +346,6 @@ def generate_step(
 def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, features: list | None = None):
     args = model.args
     B, L = prompt.shape[0], args.canvas_length
-    n_canvases = math.ceil(s.max_tokens / L)
     _check_context(cache_length(cache) + prompt.shape[1], s.max_tokens, args)
     key = seed_key(s.seed)
     shard = getattr(model, "vocab_shard", None)
@@ -351,16 +359,21 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, featu
         model.encode(prompt, cache)
     prompt_seconds = time.perf_counter() - tic
     eos, ended = set(s.eos_token_ids), [False] * B
-    for c in range(n_canvases):
-        pins = canvas_pins(s, c, B, L)
+    sizes = canvas_lengths(s, L)
+    for c, size in enumerate(sizes):
+        pins = canvas_pins(s, c, B, L, size)
         # One key chain runs through every canvas and step of the generation.
-        key, last, steps = yield from _canvas_loop(model, s)(model, cache, s, c, key, pins, B, prompt_seconds)
+        key, last, steps = yield from _canvas_loop(model, s)(model, cache, s, c, key, pins, (B, size),
+                                                             prompt_seconds)
         prompt_seconds = None
+        # Whole canvases are committed as the reference does; a cut final canvas commits
+        # exactly what remains of max_tokens.
+        keep = size if s.full_canvas else min(size, s.max_tokens - c * L)
         committed, finish = [], []
-        for row, done in zip(last.argmax.tolist(), ended):
+        for row, done in zip(last.argmax[:, :keep].tolist(), ended):
             tokens, found = pad_after_eos(row, eos, args.pad_token_id)
-            committed.append([args.pad_token_id] * L if done else tokens)
-            finish.append("stop" if done or found else ("length" if c == n_canvases - 1 else None))
+            committed.append([args.pad_token_id] * keep if done else tokens)
+            finish.append("stop" if done or found else ("length" if c == len(sizes) - 1 else None))
         ended = [f == "stop" for f in finish]
         yield StepEvent(c, steps, last.argmax, last.accepted, last.mean_entropy, committed, finish)
         if all(f is not None for f in finish):
@@ -418,8 +431,9 @@ def _check_context(used: int, max_tokens: int, args) -> None:
         )
 
 
-def canvas_pins(s: GenerationSettings, index: int, B: int, L: int) -> CanvasPins | None:
-    """The `pinned` settings that fall on canvas `index`, or None."""
+def canvas_pins(s: GenerationSettings, index: int, B: int, L: int, size: int) -> CanvasPins | None:
+    """The `pinned` settings that fall on canvas `index` (of `size` positions, after
+    `index` canvases of L), or None."""
     rows = _pinned_per_row(s.pinned)
     if len(rows) == 1:
         rows = rows * B
@@ -430,9 +444,9 @@ def canvas_pins(s: GenerationSettings, index: int, B: int, L: int) -> CanvasPins
         return None
     masks, tokens, no_eos = [], [], []
     for row in rows:
-        mask, ids = [False] * L, [0] * L
+        mask, ids = [False] * size, [0] * size
         for p, t in row:
-            if start <= p < start + L:
+            if start <= p < start + size:
                 mask[p - start], ids[p - start] = True, t
         last = row[-1][0] if row else -1
         masks.append(mask)
@@ -442,11 +456,13 @@ def canvas_pins(s: GenerationSettings, index: int, B: int, L: int) -> CanvasPins
 
 
 def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: mx.array,
-                    pins: CanvasPins | None, B: int, prompt_seconds: float | None):
-    """Yield a StepEvent per step of one canvas until every row met its stop test; the last
-    event's `argmax` holds each row's canvas as it stood when that row stopped. Returns
-    the key chain's next key, the last event and the step at which each row stopped."""
-    key, canvas, pinned, bias = open_canvas(model, s, key, pins, B)
+                    pins: CanvasPins | None, shape: tuple[int, int], prompt_seconds: float | None):
+    """Yield a StepEvent per step of one canvas of `shape` (B, L) until every row met its
+    stop test; the last event's `argmax` holds each row's canvas as it stood when that row
+    stopped. Returns the key chain's next key, the last event and the step at which each
+    row stopped."""
+    B = shape[0]
+    key, canvas, pinned, bias = open_canvas(model, s, key, pins, shape)
     if (event := fully_pinned_event(index, pins, B, prompt_seconds)) is not None:
         yield event
         return key, event, [0] * B

@@ -28,12 +28,14 @@ from .sample import (
 )
 
 
-def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, B: int, prompt_seconds: float | None):
-    """Yield a StepEvent per step of one canvas until every row met its stop test; the last
-    event's `argmax` holds each row's canvas as it stood when that row stopped. Returns
-    the key chain's next key, the last event and the step at which each row stopped."""
-    L, V = model.args.canvas_length, model.args.vocab_size
-    key, canvas, pinned, bias = open_canvas(model, s, key, pins, B)
+def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, shape: tuple[int, int],
+                   prompt_seconds: float | None):
+    """Yield a StepEvent per step of one canvas of `shape` (B, L) until every row met its
+    stop test; the last event's `argmax` holds each row's canvas as it stood when that row
+    stopped. Returns the key chain's next key, the last event and the step at which each
+    row stopped."""
+    (B, L), V = shape, model.args.vocab_size
+    key, canvas, pinned, bias = open_canvas(model, s, key, pins, shape)
     if (event := fully_pinned_event(index, pins, B, prompt_seconds)) is not None:
         yield event
         return key, event, [0] * B

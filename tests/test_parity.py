@@ -52,6 +52,23 @@ def test_decoder_logits_after_prompt(pair, prompt_len, grouped, monkeypatch):
     assert relative_error(ours, to_numpy(theirs)) < 1e-4
 
 
+@pytest.mark.parametrize("length", [1, 3, 5])
+def test_decoder_logits_on_a_cut_final_canvas(pair, length):
+    # `full_canvas=False` denoises a final canvas shorter than the config's canvas_length.
+    ref, model = pair
+    rng = np.random.RandomState(length)
+    prompt, canvas = rng.randint(0, 160, (1, 19)), rng.randint(0, 160, (1, length))
+    sc = rng.randn(1, length, 160).astype(np.float32) * 3
+    cache = model.make_cache()
+    model.encode(mx.array(prompt), cache)
+    ours = np.array(model.denoise(mx.array(canvas), cache, mx.array(sc)))
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(prompt), past_key_values=ref_cache(ref),
+                     decoder_input_ids=torch.tensor(canvas), self_conditioning_logits=torch.tensor(sc)).logits
+    assert ours.shape == (1, length, 160)
+    assert relative_error(ours, to_numpy(theirs)) < 1e-4
+
+
 def test_logits_after_committed_canvases_with_self_conditioning(pair):
     ref, model = pair
     rng = np.random.RandomState(7)

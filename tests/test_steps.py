@@ -38,6 +38,7 @@ def run(model, prompt, old: bool, monkeypatch, **settings):
     dict(seed=1),
     dict(seed=2, t_min=0.8, t_max=1.6, entropy_bound=0.5, max_tokens=3 * CANVAS),
     dict(seed=3, pinned={2: 7, 20: 9}, max_tokens=2 * CANVAS, stability_threshold=2),
+    dict(seed=5, pinned={CANVAS + 3: 9}, max_tokens=CANVAS + 5, full_canvas=False, min_canvas_length=1),
 ])
 def test_fused_loop_gives_the_reference_loop_tokens(model, settings, monkeypatch):
     prompt = [5, 17, 40, 99, 3, 12]
@@ -96,6 +97,39 @@ def test_top_k_self_conditioning_at_full_width_is_the_full_signal(model):
     assert not mx.allclose(model.denoise(canvas, cache, scaled, self_conditioning_top_k=1), full, atol=1e-4).item()
 
 
+def canvases(model, **settings):
+    events = list(generate_step(model, [5, 17, 40], **{"seed": 6, "max_denoising_steps": 6, **settings}))
+    drafts = [(e.canvas, e.argmax.tolist()) for e in events if e.committed is None]
+    return drafts, [e.committed for e in events if e.committed is not None]
+
+
+@pytest.mark.parametrize("least, final", [(1, 5), (4, 5), (8, 8), (CANVAS, CANVAS), (64, CANVAS)])
+def test_a_cut_final_canvas_holds_what_remains_and_commits_exactly_max_tokens(model, least, final):
+    drafts, committed = canvases(model, max_tokens=CANVAS + 5, full_canvas=False, min_canvas_length=least)
+    assert {len(d) for c, d in drafts if c == 0} == {CANVAS}
+    assert {len(d) for c, d in drafts if c == 1} == {final}
+    assert [len(c) for c in committed] == [CANVAS, 5]
+    # The cut canvas ends the same key chain: the first canvas is the whole-canvas run's.
+    whole, whole_committed = canvases(model, max_tokens=CANVAS + 5)
+    assert [d for d in drafts if d[0] == 0] == [d for d in whole if d[0] == 0]
+    assert committed[0] == whole_committed[0] and [len(c) for c in whole_committed] == [CANVAS, CANVAS]
+
+
+def test_full_canvas_off_changes_nothing_when_max_tokens_fills_whole_canvases(model):
+    assert canvases(model, max_tokens=2 * CANVAS, full_canvas=False) == canvases(model, max_tokens=2 * CANVAS)
+
+
+def test_a_cut_first_canvas_starts_from_the_initial_canvas_s_first_tokens(model):
+    initial = list(range(10, 10 + CANVAS))
+    drafts, committed = canvases(model, max_tokens=6, full_canvas=False, min_canvas_length=1,
+                                 initial_canvas=initial, max_denoising_steps=1)
+    cache = model.make_cache()
+    model.encode(mx.array([[5, 17, 40]]), cache)
+    first_forward = mx.argmax(model.denoise(mx.array([initial[:6]]), cache), axis=-1)
+    assert drafts == [(0, first_forward[0].tolist())]
+    assert committed == [first_forward[0].tolist()]
+
+
 @pytest.mark.parametrize("bad, words", [
     (dict(sampler="greedy"), "sampler must be one of entropy, confidence"),
     (dict(threshold=0.0), "threshold must be in (0, 1]"),
@@ -103,6 +137,10 @@ def test_top_k_self_conditioning_at_full_width_is_the_full_signal(model):
     (dict(self_conditioning_top_k=-1), "self_conditioning_top_k must be an integer"),
     (dict(self_conditioning_top_k=10**6), "self_conditioning_top_k must be an integer"),
     (dict(fast="yes"), "fast must be True or False"),
+    (dict(full_canvas="no"), "full_canvas must be True or False"),
+    (dict(min_canvas_length=0), "min_canvas_length must be an integer >= 1"),
+    (dict(min_canvas_length=2.5), "min_canvas_length must be an integer >= 1"),
+    (dict(min_canvas_length=True), "min_canvas_length must be an integer >= 1"),
 ])
 def test_bad_fast_mode_settings_are_one_line_errors(model, bad, words):
     with pytest.raises(UserError) as e:
