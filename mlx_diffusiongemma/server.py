@@ -31,6 +31,11 @@ the prompt (`images.py`); the prompt cache matches images by their pixels, so a 
 turn about the same image reuses its encoding. A model loaded text-only, or one without a
 vision tower, answers a request with images with a 400.
 
+Sampler settings (extensions on both endpoints, the `GenerationSettings` of the same
+names): `max_denoising_steps`, `t_min`, `t_max`, `entropy_bound` and the speed levers
+`fast`, `sampler`, `threshold`, `self_conditioning_top_k`, `full_canvas` and
+`min_canvas_length`; a bad value is a 400 naming its field.
+
 Pinned positions (an extension on both endpoints): `"pinned": {"0": 1234, "5": 99}` maps
 output positions (0 = the first generated token) to token ids that the sampler holds there
 (`GenerationSettings.pinned`); positions are below `max_tokens`, ids in the vocabulary,
@@ -108,6 +113,11 @@ class APIError(Exception):
 
 # ---------------------------------------------------------------------------- requests
 
+# Request fields that are `GenerationSettings` of the same name (extensions to OpenAI's).
+SETTING_FIELDS = ("seed", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "fast", "sampler", "threshold",
+                  "self_conditioning_top_k", "full_canvas", "min_canvas_length")
+
+
 class _Request(BaseModel):
     # Strict: "5" is not a number and true is not 1; unknown fields are accepted (clients
     # send many by default) and those that matter are refused in `_refuse_unsupported`.
@@ -126,6 +136,12 @@ class _Request(BaseModel):
     t_min: float | None = None
     t_max: float | None = None
     entropy_bound: float | None = None
+    fast: bool | None = None
+    sampler: str | None = None
+    threshold: float | None = None
+    self_conditioning_top_k: int | None = None
+    full_canvas: bool | None = None
+    min_canvas_length: int | None = None
     stream_drafts: bool = False
     pinned: dict | None = None
 
@@ -748,8 +764,8 @@ class Server:
     def _settings(self, req: _Request, max_tokens) -> GenerationSettings:
         try:
             return GenerationSettings.resolve(
-                self.engine.model, max_tokens=max_tokens, seed=req.seed, max_denoising_steps=req.max_denoising_steps,
-                t_min=req.t_min, t_max=req.t_max, entropy_bound=req.entropy_bound, pinned=_pinned_of(req.pinned))
+                self.engine.model, max_tokens=max_tokens, pinned=_pinned_of(req.pinned),
+                **{name: getattr(req, name) for name in SETTING_FIELDS})
         except UserError as e:
             raise APIError(400, str(e), _setting_param(str(e))) from None
 
@@ -868,8 +884,8 @@ def _sse(data: dict, event: str | None = None) -> str:
 
 def _setting_param(message: str) -> str | None:
     """The request field a settings error names first."""
-    names = ("max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "seed", "pinned")
-    found = [(message.find(n), n) for n in names if n in message]
+    names = ("max_tokens", "pinned", *SETTING_FIELDS)
+    found = [(m.start(), n) for n in names if (m := re.search(rf"\b{n}\b", message))]
     return min(found)[1] if found else None
 
 

@@ -13,7 +13,7 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from mlx_diffusiongemma.server import ChatFormat
-from server_fixtures import ServerProcess, tools_chat_model
+from server_fixtures import CANVAS, ServerProcess, tools_chat_model
 
 FAST = dict(max_denoising_steps=3)
 USER = [{"role": "user", "content": "What is 2+2?"}]
@@ -147,6 +147,23 @@ def test_completions_whole_and_streamed(client):
     assert streamed == whole.choices[0].text
 
 
+@pytest.mark.parametrize("levers", [
+    dict(fast=True),
+    dict(sampler="confidence", threshold=0.5, max_denoising_steps=4),
+    dict(full_canvas=False, min_canvas_length=1, self_conditioning_top_k=4),
+])
+def test_speed_levers_give_what_the_python_api_gives(client, model_dir, levers):
+    from mlx_diffusiongemma import generate, load
+
+    model, tokenizer = load(model_dir)
+    prompt, seed, max_tokens = "Once upon a time", 9, CANVAS + 3
+    got = client.completions.create(model=model_id(client), prompt=prompt, max_tokens=max_tokens, seed=seed,
+                                    extra_body=levers)
+    assert got.choices[0].text == generate(model, tokenizer, prompt, seed=seed, max_tokens=max_tokens, **levers)
+    # A cut final canvas writes exactly max_tokens; whole canvases write two.
+    assert got.usage.completion_tokens == (max_tokens if "full_canvas" in levers else 2 * CANVAS)
+
+
 def test_second_turn_reuses_the_first_turns_encoder_cache(client):
     first = chat(client, messages=[{"role": "user", "content": "Tell me a story about a dragon."}], seed=11)
     answer = first.choices[0].message.content
@@ -240,6 +257,11 @@ def test_draft_events_stream_each_step_when_asked(server, client):
     ({"messages": USER, "tool_choice": "required", "tools": []}, 400, "tool_choice"),
     ({"messages": USER, "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": USER, "t_min": 0.9, "t_max": 0.5}, 400, "t_max"),
+    ({"messages": USER, "sampler": "greedy"}, 400, "sampler"),
+    ({"messages": USER, "threshold": 1.5}, 400, "threshold"),
+    ({"messages": USER, "min_canvas_length": 0}, 400, "min_canvas_length"),
+    ({"messages": USER, "self_conditioning_top_k": -1}, 400, "self_conditioning_top_k"),
+    ({"messages": USER, "full_canvas": "no"}, 422, "full_canvas"),
     ({"messages": [{"role": "user", "content": "x" * 5000}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages.0.content"),
