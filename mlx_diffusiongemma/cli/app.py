@@ -2,7 +2,11 @@
 on stderr with a non-zero exit, never a traceback."""
 
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import typer
 from typer.core import TyperGroup
@@ -25,6 +29,29 @@ def error(message) -> None:
 def info(message: str) -> None:
     """Print a message for the user on stderr."""
     print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def deferred_interrupt():
+    """While generating, Ctrl-C only raises a flag (`.requested`), which the loop checks
+    after each step: the encoder cache is never cut mid-update, and an interrupt cannot be
+    lost in code that swallows exceptions (a destructor, a callback). A second Ctrl-C
+    interrupts at once (a chat session then rebuilds its cache on the next turn)."""
+    state = SimpleNamespace(requested=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum, frame):
+        if state.requested:
+            raise KeyboardInterrupt
+        state.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _quiet_stdout() -> None:

@@ -1,10 +1,7 @@
 """`mlx-diffusiongemma chat`: a conversation on the terminal that reuses the encoder cache."""
 
-import signal
 import sys
-import threading
-from contextlib import closing, contextmanager
-from types import SimpleNamespace
+from contextlib import closing
 from typing import Annotated
 
 import typer
@@ -12,7 +9,7 @@ import typer
 from ..chat import ChatSession, repair_text
 from ..errors import UserError
 from ..generate import format_stats
-from .app import app, error, info
+from .app import app, deferred_interrupt, error, info
 from .options import FastOption, speed_settings
 from .generate import view_for
 from .options import (
@@ -24,33 +21,11 @@ CHAT_HELP = ("/image PATH · /think on|off · /system TEXT · /reset · /stats �
              "(Ctrl-C stops a reply, Ctrl-D exits)")
 
 
-@contextmanager
-def _deferred_interrupt():
-    """During a chat reply Ctrl-C only raises a flag, which the reply loop checks after
-    each step, so the encoder cache is never cut mid-update. A second Ctrl-C interrupts
-    at once (the session then rebuilds its cache on the next turn)."""
-    state = SimpleNamespace(requested=False)
-    if threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-
-    def handler(signum, frame):
-        if state.requested:
-            raise KeyboardInterrupt
-        state.requested = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _chat_reply(session: ChatSession, line: str) -> None:
     stopped = False
     try:
         images, session.pending_images = _pending(session), []
-        with (_deferred_interrupt() as interrupt, view_for(session) as view,
+        with (deferred_interrupt() as interrupt, view_for(session) as view,
               closing(session.reply(line, images=images or None)) as replies):
             for r in replies:
                 view.update(r)

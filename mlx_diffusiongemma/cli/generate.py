@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..generate import GenerationResponse, format_stats
 from ..tool_parsing import parse_output
 from ..ui.live import LiveView, PlainView
-from .app import EXIT_INTERRUPTED, app
+from .app import EXIT_INTERRUPTED, app, deferred_interrupt
 from .options import (
     AdapterPathOption, EntropyOption, FastOption, ImageOption, MaxTokensOption, ModelOption, SeedOption,
     StepsOption, StopOption, SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from, speed_settings,
@@ -64,14 +64,17 @@ def _read_stdin() -> str:
     return repair_text(sys.stdin.read())
 
 
-def _stream_reply(session: ChatSession, text: str, view, collected: list,
+def _stream_reply(session: ChatSession, text: str, view, collected: list, interrupt,
                   images: list | None = None) -> GenerationResponse | None:
-    """Show one reply; `collected` gets each committed delta even if interrupted."""
+    """Show one reply until it ends or `interrupt.requested`; `collected` gets each
+    committed delta even if interrupted."""
     last = None
     with view, closing(session.reply(text, images=images)) as replies:
         for last in replies:
             collected.append(last.text)
             view.update(last)
+            if interrupt.requested:
+                break
     return last
 
 
@@ -126,11 +129,15 @@ def generate(
     collected: list[str] = []
     last = None
     try:
-        last = _stream_reply(session, text, view_for(session, json_output), collected, images)
+        with deferred_interrupt() as interrupt:
+            last = _stream_reply(session, text, view_for(session, json_output), collected, interrupt, images)
+        interrupted = interrupt.requested
     except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
         if json_output:
             print(_json_report("".join(collected), session.last, "interrupted"), flush=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(EXIT_INTERRUPTED)
     if json_output:
         print(_json_report("".join(collected), last, last.finish_reason if last else None), flush=True)
     elif last is not None:
