@@ -57,6 +57,7 @@ import math
 import queue
 import re
 import secrets
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -84,11 +85,15 @@ from .generate import (
 from .images import images_after
 from .infill import FillPlan, plan_fill
 from .prompt_cache import PromptCache, common_prefix, reply_keep
+from .ranks import follow, hear, lead, settings_from_message, settings_message, tell
 from .tool_parsing import OutputParser, Parsed
 
 STATIC_DIR = Path(__file__).parent / "server_static"
 API_KEY_ENV = "MLX_DIFFUSIONGEMMA_API_KEY"
 _OPEN_PATHS = {"/health", "/", "/favicon.ico"}
+# Across ranks, how long rank 0's generation thread waits for a job before telling the
+# other ranks there is none yet, so that no rank sits in one collective for long.
+_IDLE_SECONDS = 1.0
 # How pydantic names the member of a union in an error's location (`str`, `list[int]`,
 # `function-after[...]`, a model's class name), unlike the snake_case field names.
 _UNION_TAG = re.compile(r"str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z]\w*")
@@ -347,7 +352,7 @@ class Job:
     settings: GenerationSettings
     stops: list[str]
     drafts: bool
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None
     fill: FillPlan | None = None
     # The prompt's images (`PreparedImage`s) and, with images, the ids as the prompt cache
     # compares them (`images.prefix_keys`).
@@ -364,6 +369,8 @@ class Job:
         return self.ids if self.keys is None else self.keys
 
     def send(self, kind: str, **payload) -> None:
+        if self.loop is None:
+            return  # a follower rank's copy of rank 0's job: nobody to answer
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:
@@ -371,7 +378,11 @@ class Job:
 
 
 class Engine:
-    """The worker thread: loads the model, then runs queued jobs one at a time."""
+    """The worker thread: loads the model, then runs queued jobs one at a time.
+
+    Under `mlx.launch` the model is sharded across the ranks: rank 0's engine tells the
+    others each job and leads every generation step by step (`ranks.py`), and the other
+    ranks run `follow` instead of a server."""
 
     def __init__(self, model_path: str, cache_entries: int = 4, cache_bytes: int = 2 << 30,
                  adapter_path: str | None = None, text_only: bool = False):
@@ -380,7 +391,7 @@ class Engine:
         self.jobs: queue.Queue = queue.Queue()
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
-        self.model = self.tokenizer = self.caches = None
+        self.model = self.tokenizer = self.caches = self.group = None
         self.stats = {"generations": 0, "cancelled": 0, "errors": 0}
         self.thread = threading.Thread(target=self._main, name="generation", daemon=True)
 
@@ -391,32 +402,73 @@ class Engine:
         if self.load_error is not None:
             raise self.load_error
 
+    def _load(self) -> None:
+        from .loading import load
+
+        adapter = {"adapter_path": self.adapter_path} if self.adapter_path else {}
+        self.model, self.tokenizer = load(self.model_path, text_only=self.text_only, **adapter)
+        # Sliding layers keep enough to step back over a default-length reply.
+        keep = reply_keep(self.model.args, GenerationSettings.resolve(self.model).max_tokens)
+        self.caches = PromptCacheLRU(self.model, keep, self.cache_entries, self.cache_bytes)
+        shard = getattr(self.model, "vocab_shard", None)
+        self.group = None if shard is None else shard.group
+
     def _main(self) -> None:
         try:
-            from .loading import load
-
-            adapter = {"adapter_path": self.adapter_path} if self.adapter_path else {}
-            self.model, self.tokenizer = load(self.model_path, text_only=self.text_only, **adapter)
-            # Sliding layers keep enough to step back over a default-length reply.
-            keep = reply_keep(self.model.args, GenerationSettings.resolve(self.model).max_tokens)
-            self.caches = PromptCacheLRU(self.model, keep, self.cache_entries, self.cache_bytes)
+            self._load()
         except BaseException as e:  # noqa: BLE001  (handed to the main thread)
             self.load_error = e
             self.ready.set()
             return
         self.ready.set()
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
+        while (job := self._next_job()) is not None:
             try:
                 self._run(job)
             except Exception as e:  # noqa: BLE001  (the thread must outlive any one request)
                 self.stats["errors"] += 1
                 job.send("error", status=500, message=first_line(e))
+        if self.group is not None:
+            tell(self.group, {"quit": True})
+
+    def _next_job(self) -> "Job | None":
+        if self.group is None:
+            return self.jobs.get()
+        while True:
+            try:
+                return self.jobs.get(timeout=_IDLE_SECONDS)
+            except queue.Empty:
+                tell(self.group, None)
+
+    def follow(self) -> None:
+        """A rank other than 0: load the model, then run each job rank 0 tells, in lockstep
+        with it, until rank 0 stops."""
+        self._load()
+        while (message := hear(self.group)) is None or "quit" not in message:
+            if message is not None:
+                self._follow(message)
+
+    def _follow(self, message: dict) -> None:
+        job = Job(message["ids"], settings_from_message(message["settings"]), [], False, None,
+                  keys=message["keys"])
+        entry, reused = self.caches.take(job.cache_keys)
+        run = _Run(job, reused)
+        stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
+                                 settings=job.settings)
+        try:
+            for r in follow(stream, self.group):
+                run.observe(r)
+        except Exception:  # noqa: BLE001  (rank 0 answers the client; the caches stay alike)
+            entry.clear()
+            self.caches.put(entry)
+            return
+        entry.record(run.cached_ids())
+        self.caches.put(entry)
 
     def stop(self) -> None:
         self.jobs.put(None)
+        if self.group is not None:
+            # The other ranks end on the quit message this thread sends on its way out.
+            self.thread.join(timeout=60)
 
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -427,8 +479,12 @@ class Engine:
         hole = _HoleText(self.tokenizer, job.fill, self.model.args) if job.fill else None
         run = _Run(job, reused, hole)
         images = images_after(job.ids, job.images, self.model.args.image_token_id, reused) if job.images else []
+        if self.group is not None:
+            tell(self.group, {"ids": job.ids, "keys": job.keys, "settings": settings_message(job.settings)})
         stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
                                  settings=job.settings, images=images or None)
+        if self.group is not None:
+            stream = lead(stream, self.group)
         try:
             finish = run.consume(stream)
         except Exception as e:  # noqa: BLE001  (one request's failure never stops the server)
@@ -456,10 +512,16 @@ class _Run:
         self.canvases: list[list[int]] = []
         self.events, self.current, self.tokens = 0, 0, 0
 
+    def observe(self, r) -> None:
+        """Track what the cache holds after the event `r`."""
+        self.events += 1
+        self.current = r.canvas
+        if r.committed is not None:
+            self.canvases.append(list(r.committed))
+
     def consume(self, stream) -> str:
         for r in stream:
-            self.events += 1
-            self.current = r.canvas
+            self.observe(r)
             if self.job.cancelled.is_set():
                 return "cancelled"
             if r.committed is None:
@@ -467,7 +529,6 @@ class _Run:
                     draft = r.draft if self.hole is None else self.hole.draft(r.canvas, r.draft)
                     self.job.send("draft", canvas=r.canvas, step=r.step, text=self.stops.cut(draft))
                 continue
-            self.canvases.append(list(r.committed))
             text, filled = self._text(r)
             delta, hit = self.stops.feed(text, final=filled or r.finish_reason is not None)
             final = hit or filled or r.finish_reason is not None
@@ -709,6 +770,9 @@ class Server:
             check_takes_images(model)  # before any image is decoded or fetched for nothing
         except UserError as e:
             raise APIError(400, str(e), f"messages.{urls[0][0]}.content") from None
+        if self.engine.group is not None:
+            raise APIError(400, "images are not served across ranks yet; serve this model on one machine for "
+                                "image input", f"messages.{urls[0][0]}.content")
         prepared = []
         for index, url in urls:
             try:
@@ -1040,6 +1104,16 @@ def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, log_lev
     """Load the model and serve until interrupted."""
     import uvicorn
 
+    from .models.sharding import world_group
+
+    group = world_group()
+    if group is not None and group.rank() != 0:
+        # Only rank 0 listens; the others hold their shards and follow its generations.
+        # Ctrl-C reaches every rank of a launch: a follower ends on rank 0's quit message
+        # (or when rank 0 is gone), never between the collectives of a step.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        Engine(config.model, config.cache_entries, config.cache_bytes, config.adapter_path, config.text_only).follow()
+        return
     server = build_server(config)
     try:
         uvicorn.run(asgi_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)

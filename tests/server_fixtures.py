@@ -3,6 +3,7 @@ results, and a real `serve` process on a free localhost port, for the server tes
 benchmarks/server_bench.py."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,18 +93,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m mlx_diffusiongemma serve` as a subprocess, stopped by `stop`."""
+# `mlx.launch` itself, run by this interpreter (its module has no __main__).
+MLX_LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
 
-    def __init__(self, model: Path, log: Path, *args: str, env: dict | None = None, timeout: float = 180):
+
+def launch_command(ranks: int, *command: str) -> list[str]:
+    """`mlx.launch` of `command` on `ranks` ring ranks on 127.0.0.1."""
+    return [sys.executable, "-c", MLX_LAUNCH, "--backend", "ring", "-n", str(ranks), "--hosts", "127.0.0.1",
+            *command]
+
+
+class ServerProcess:
+    """`python -m mlx_diffusiongemma serve` as a subprocess (under `mlx.launch` when `ranks`
+    > 1, in a process group of its own), stopped by `stop`."""
+
+    def __init__(self, model: Path, log: Path, *args: str, env: dict | None = None, timeout: float = 180,
+                 ranks: int = 1):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self.log = open(log, "wb")
         cmd = [sys.executable, "-m", "mlx_diffusiongemma", "serve", "--model", str(model),
                "--port", str(self.port), "--log-level", "warning", *args]
+        if ranks > 1:
+            cmd = launch_command(ranks, *cmd)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, start_new_session=ranks > 1)
+        self.ranks = ranks
         self._wait(timeout)
 
     def _wait(self, timeout: float) -> None:
@@ -130,12 +146,20 @@ class ServerProcess:
         with urllib.request.urlopen(f"{self.base}/health", timeout=10) as r:
             return json.loads(r.read())
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15) -> int:
+        """Stop the server (a launch as Ctrl-C stops it: SIGINT to every rank) and return
+        its exit code; killed past `timeout`."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            if self.ranks > 1:
+                os.killpg(self.proc.pid, signal.SIGINT)
+            else:
+                self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                if self.ranks > 1:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        return self.proc.returncode

@@ -21,6 +21,7 @@ from mlx_diffusiongemma import generate_step, load_model
 from mlx_diffusiongemma.convert import convert
 from mlx_diffusiongemma.sample import sampler_step
 from reference import make_reference, relative_error
+from server_fixtures import launch_command
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
@@ -36,14 +37,11 @@ DETERMINISTIC = dict(t_max=2e-3, t_min=1e-3, entropy_bound=1e9, max_denoising_st
                      eos_token_ids=[])
 SAMPLED = (1 / 0.8, 0.1)  # inverse temperature of the first step at the defaults, entropy bound
 LAUNCH_TIMEOUT = 420
-# `mlx.launch` itself, run by this interpreter (its module has no __main__).
-LAUNCHER = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
 
 
 def launch(n: int, args: list[str], timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
     """`mlx.launch` n ring ranks on 127.0.0.1, killed (whole process group) past `timeout`."""
-    cmd = [sys.executable, "-c", LAUNCHER, "--backend", "ring", "-n", str(n),
-           "--hosts", "127.0.0.1", sys.executable, *args]
+    cmd = launch_command(n, sys.executable, *args)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(HERE)})
     try:

@@ -1,0 +1,122 @@
+"""`serve` across two ranks (`mlx.launch --backend ring` on 127.0.0.1): rank 0 answers the
+real `openai` client while the other rank holds half of every layer and follows each
+generation step by step. Checked against one process running the whole model."""
+
+import http.client
+import json
+import os
+import time
+
+import pytest
+
+from mlx_diffusiongemma import generate, load
+from server_fixtures import CANVAS, ServerProcess, tools_chat_model
+
+# Argmax decoding: the ranks' partial sums add up in another order than one process's, so
+# only a regime whose tokens do not hang on the last bits can be compared token for token.
+EXACT = dict(t_min=1e-3, t_max=2e-3, entropy_bound=1e9, max_denoising_steps=6)
+PROMPT = "Once upon a time there was a"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tools_chat_model(tmp_path_factory.mktemp("ranks_model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    proc = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "ranks.log", ranks=2, timeout=300)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    return load(model_dir)
+
+
+def complete(client, prompt: str, max_tokens: int = 2 * CANVAS, **extra):
+    model = client.models.list().data[0].id
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, seed=0,
+                                     extra_body={**EXACT, **extra})
+
+
+def one_process(local, prompt: str, max_tokens: int = 2 * CANVAS) -> str:
+    model, tokenizer = local
+    return generate(model, tokenizer, prompt, seed=0, max_tokens=max_tokens, **EXACT)
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "Hi", "A much longer prompt that runs past the sliding window " * 2])
+def test_two_ranks_write_what_one_process_writes(client, local, prompt):
+    got = complete(client, prompt)
+    assert got.choices[0].text == one_process(local, prompt)
+    assert got.usage.completion_tokens == 2 * CANVAS
+
+
+def test_chat_across_ranks_streams_what_it_answers_whole(client):
+    model = client.models.list().data[0].id
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=2 * CANVAS,
+                  seed=1, extra_body=EXACT)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs)
+                       if c.choices)
+    assert whole and streamed == whole
+
+
+def test_a_stop_string_ends_every_rank_at_the_same_step_and_the_next_prompt_reuses_the_cache(client, local):
+    text = one_process(local, PROMPT, 3 * CANVAS)
+    # A stop string in the second canvas: rank 0 ends the generation there, one canvas early.
+    stop = text[len(one_process(local, PROMPT, CANVAS)):][2:6]
+    assert stop.strip(), text
+    cut = complete(client, PROMPT, 3 * CANVAS, stop=[stop]).choices[0].text
+    assert cut == text[: text.index(stop)]
+    # The cache each rank kept holds the prompt and the first canvas: a prompt that extends
+    # them reuses it, and the follower's half must be the same cache for the tokens to match.
+    longer = PROMPT + one_process(local, PROMPT, CANVAS)
+    again = complete(client, longer)
+    assert again.choices[0].text == one_process(local, longer)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_a_client_that_goes_away_mid_generation_leaves_the_ranks_in_step(server, client, local):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = dict(prompt=PROMPT, max_tokens=200 * CANVAS, stream=True, max_denoising_steps=48, seed=0)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.readline()  # the first canvas arrived: the ranks are mid-generation
+    conn.close()
+    deadline = time.monotonic() + 60
+    while server.health()["cancelled"] < 1:
+        assert time.monotonic() < deadline, "the abandoned generation was not cancelled"
+        time.sleep(0.2)
+    assert complete(client, "Hi").choices[0].text == one_process(local, "Hi")
+
+
+def test_images_are_refused_across_ranks_with_a_400(client):
+    import openai
+
+    pixel = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=CANVAS, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": pixel}},
+                                         {"type": "text", "text": "What is this?"}]}])
+    assert "across ranks" in str(e.value) and e.value.body["param"] == "messages.0.content"
+
+
+def test_ctrl_c_ends_every_rank(server):
+    # Last in this module: it stops the module's server.
+    assert server.stop(timeout=60) is not None
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(server.proc.pid, 0)  # some process of the launch is still there
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a rank outlived Ctrl-C"
+        time.sleep(0.2)
