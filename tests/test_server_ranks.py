@@ -58,6 +58,23 @@ def test_two_ranks_write_what_one_process_writes(client, local, prompt):
     assert got.usage.completion_tokens == 2 * CANVAS
 
 
+def test_a_cut_final_canvas_across_ranks_writes_what_one_process_writes(client, local):
+    model, tokenizer = local
+    got = complete(client, PROMPT, CANVAS + 3, full_canvas=False, min_canvas_length=1)
+    assert got.usage.completion_tokens == CANVAS + 3
+    assert got.choices[0].text == generate(model, tokenizer, PROMPT, seed=0, max_tokens=CANVAS + 3,
+                                           full_canvas=False, min_canvas_length=1, **EXACT)
+
+
+def test_a_setting_the_sharded_model_refuses_is_a_400_and_the_ranks_keep_serving(client, local):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, PROMPT, sampler="confidence")
+    assert "sharded model runs the reference sampler" in str(e.value)
+    assert complete(client, "Hi").choices[0].text == one_process(local, "Hi")
+
+
 def test_chat_across_ranks_streams_what_it_answers_whole(client):
     model = client.models.list().data[0].id
     kwargs = dict(model=model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=2 * CANVAS,
