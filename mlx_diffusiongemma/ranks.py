@@ -4,7 +4,7 @@
 A sharded forward is a sequence of collectives that every rank must enter in the same order,
 so the followers run the same generation as rank 0 on the same inputs and stop at the same
 event. Rank 0 sends each job as a message (`tell`/`hear`: JSON through two broadcasts, a
-length and the bytes) and, before every event it asks for, one flag that says whether the
+length and the bytes; an image's pixels as one more) and, before every event it asks for, one flag that says whether the
 generation goes on (`lead`/`follow`): a client that goes away, a stop string or a filled hole
 ends it on rank 0, and the flag ends it on every rank at the same step.
 """
@@ -80,6 +80,30 @@ def follow(stream, group):
 
 def _flag(group, value: bool) -> bool:
     return bool(broadcast(mx.array([int(value)], dtype=mx.int32), group).item())
+
+
+def image_message(image) -> dict:
+    """A `PreparedImage` but for its pixels, which `tell_pixels` sends."""
+    return dict(shape=list(image.pixels.shape), positions=image.positions.tolist(), grid=list(image.grid),
+                soft_tokens=image.soft_tokens, digest=image.digest)
+
+
+def tell_pixels(group, images) -> None:
+    """Rank 0: send the pixels of the `images` whose `image_message`s it told."""
+    for image in images:
+        mx.eval(broadcast(mx.array(image.pixels), group))
+
+
+def hear_images(group, messages: list[dict]) -> list:
+    """A follower: the `PreparedImage`s of rank 0's `image_message`s, pixels heard."""
+    from .images import PreparedImage
+
+    out = []
+    for m in messages:
+        pixels = np.array(broadcast(mx.zeros(m["shape"], dtype=mx.float32), group))
+        out.append(PreparedImage(pixels, np.array(m["positions"], dtype=np.int32), tuple(m["grid"]),
+                                 m["soft_tokens"], m["digest"]))
+    return out
 
 
 def settings_message(s: GenerationSettings) -> dict:

@@ -85,7 +85,9 @@ from .generate import (
 from .images import images_after
 from .infill import FillPlan, plan_fill
 from .prompt_cache import PromptCache, common_prefix, reply_keep
-from .ranks import follow, hear, lead, settings_from_message, settings_message, tell
+from .ranks import (
+    follow, hear, hear_images, image_message, lead, settings_from_message, settings_message, tell, tell_pixels,
+)
 from .tool_parsing import OutputParser, Parsed
 
 STATIC_DIR = Path(__file__).parent / "server_static"
@@ -449,11 +451,8 @@ class Engine:
 
     def _follow(self, message: dict) -> None:
         job = Job(message["ids"], settings_from_message(message["settings"]), [], False, None,
-                  keys=message["keys"])
-        entry, reused = self.caches.take(job.cache_keys)
-        run = _Run(job, reused)
-        stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
-                                 settings=job.settings)
+                  images=hear_images(self.group, message["images"]), keys=message["keys"])
+        entry, run, stream = self._open(job)
         try:
             for r in follow(stream, self.group):
                 run.observe(r)
@@ -463,6 +462,14 @@ class Engine:
             return
         entry.record(run.cached_ids())
         self.caches.put(entry)
+
+    def _open(self, job: "Job", hole: "_HoleText | None" = None):
+        """The prompt cache entry for `job`, its `_Run` and its generation's stream."""
+        entry, reused = self.caches.take(job.cache_keys)
+        images = images_after(job.ids, job.images, self.model.args.image_token_id, reused) if job.images else []
+        stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
+                                 settings=job.settings, images=images or None)
+        return entry, _Run(job, reused, hole), stream
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -475,14 +482,14 @@ class Engine:
             self.stats["cancelled"] += 1
             job.send("done", finish_reason="cancelled", usage=None)
             return
-        entry, reused = self.caches.take(job.cache_keys)
         hole = _HoleText(self.tokenizer, job.fill, self.model.args) if job.fill else None
-        run = _Run(job, reused, hole)
-        images = images_after(job.ids, job.images, self.model.args.image_token_id, reused) if job.images else []
         if self.group is not None:
-            tell(self.group, {"ids": job.ids, "keys": job.keys, "settings": settings_message(job.settings)})
-        stream = stream_generate(self.model, self.tokenizer, job.ids[reused:], cache=entry.cache,
-                                 settings=job.settings, images=images or None)
+            # Nothing between telling the job and leading its stream may fail, or the
+            # followers would wait for a step that never comes.
+            tell(self.group, {"ids": job.ids, "keys": job.keys, "settings": settings_message(job.settings),
+                              "images": [image_message(image) for image in job.images]})
+            tell_pixels(self.group, job.images)
+        entry, run, stream = self._open(job, hole)
         if self.group is not None:
             stream = lead(stream, self.group)
         try:
@@ -770,9 +777,7 @@ class Server:
             check_takes_images(model)  # before any image is decoded or fetched for nothing
         except UserError as e:
             raise APIError(400, str(e), f"messages.{urls[0][0]}.content") from None
-        if self.engine.group is not None:
-            raise APIError(400, "images are not served across ranks yet; serve this model on one machine for "
-                                "image input", f"messages.{urls[0][0]}.content")
+
         prepared = []
         for index, url in urls:
             try:

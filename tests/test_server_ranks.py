@@ -2,7 +2,9 @@
 real `openai` client while the other rank holds half of every layer and follows each
 generation step by step. Checked against one process running the whole model."""
 
+import base64
 import http.client
+import io
 import json
 import os
 import time
@@ -10,7 +12,10 @@ import time
 import pytest
 
 from mlx_diffusiongemma import generate, load
+from mlx_diffusiongemma.chat import ChatSession
+from mlx_diffusiongemma.tool_parsing import OutputParser
 from server_fixtures import CANVAS, ServerProcess, tools_chat_model
+from vision_fixtures import picture, vision_chat_model
 
 # Argmax decoding: the ranks' partial sums add up in another order than one process's, so
 # only a regime whose tokens do not hang on the last bits can be compared token for token.
@@ -44,6 +49,12 @@ def complete(client, prompt: str, max_tokens: int = 2 * CANVAS, **extra):
     model = client.models.list().data[0].id
     return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, seed=0,
                                      extra_body={**EXACT, **extra})
+
+
+def png(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def one_process(local, prompt: str, max_tokens: int = 2 * CANVAS) -> str:
@@ -115,15 +126,37 @@ def test_a_client_that_goes_away_mid_generation_leaves_the_ranks_in_step(server,
     assert complete(client, "Hi").choices[0].text == one_process(local, "Hi")
 
 
-def test_images_are_refused_across_ranks_with_a_400(client):
-    import openai
+@pytest.fixture(scope="module")
+def vision_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ranks_vision_model")
+    vision_chat_model(path)
+    return path
 
-    pixel = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=CANVAS, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": pixel}},
-                                         {"type": "text", "text": "What is this?"}]}])
-    assert "across ranks" in str(e.value) and e.value.body["param"] == "messages.0.content"
+
+def test_an_image_across_ranks_answers_what_one_process_answers_and_is_reused(vision_dir, tmp_path):
+    server = ServerProcess(vision_dir, tmp_path / "vision.log", ranks=2, timeout=300)
+    try:
+        client = server.client()
+        image = picture(24, 36, seed=1)
+        url = "data:image/png;base64," + base64.b64encode(png(image)).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+        kwargs = dict(model=client.models.list().data[0].id, max_tokens=2 * CANVAS, seed=0, extra_body=EXACT)
+        first = client.chat.completions.create(messages=[{"role": "user", "content": content}], **kwargs)
+        model, tokenizer = load(vision_dir, text_only=False)
+        session = ChatSession(model, tokenizer, max_tokens=2 * CANVAS, seed=0, **EXACT)
+        text = "".join(part.text for part in session.reply("What is this?", images=[image]))
+        assert first.choices[0].message.content == OutputParser().feed(text, final=True).content
+        # A follow-up reuses the image's encoding on every rank (the follower's cache must
+        # hold the same prefix, or the answer would differ from one process's).
+        history = [{"role": "user", "content": content}, {"role": "assistant", "content": "A gradient."}]
+        again = client.chat.completions.create(
+            messages=[*history, {"role": "user", "content": "And the colours?"}], **kwargs)
+        assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 12
+        session.messages[-1]["content"] = "A gradient."
+        text = "".join(part.text for part in session.reply("And the colours?"))
+        assert again.choices[0].message.content == OutputParser().feed(text, final=True).content
+    finally:
+        assert server.stop(timeout=60) is not None
 
 
 def test_ctrl_c_ends_every_rank(server):
