@@ -65,10 +65,11 @@ class GenerationSettings:
     entropy budget; `self_conditioning_top_k` builds self-conditioning from each position's
     k most probable tokens (0: the whole vocabulary, as the reference); `full_canvas=False`
     cuts the final canvas to the tokens that remain of `max_tokens` (at least
-    `min_canvas_length`, at most the model's canvas; mlx-vlm's rule and names) and commits exactly `max_tokens`, where
-    the reference writes and commits whole canvases (an `initial_canvas` then seeds the cut
-    canvas with its first tokens); `fast=True` sets `FAST_PRESET` (at most 14 steps) under
-    whatever is given explicitly.
+    `min_canvas_length`, at most the model's canvas: mlx-vlm's rule, its
+    `diffusion_full_canvas` and `diffusion_min_canvas_length`) and commits exactly
+    `max_tokens`, where the reference writes and commits whole canvases (an
+    `initial_canvas` then seeds the cut canvas with its first tokens); `fast=True` sets
+    `FAST_PRESET` (at most 14 steps) under whatever is given explicitly.
     """
 
     max_tokens: int = REFERENCE_DEFAULTS["max_tokens"]

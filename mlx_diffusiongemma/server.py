@@ -777,7 +777,6 @@ class Server:
             check_takes_images(model)  # before any image is decoded or fetched for nothing
         except UserError as e:
             raise APIError(400, str(e), f"messages.{urls[0][0]}.content") from None
-
         prepared = []
         for index, url in urls:
             try:
