@@ -6,13 +6,12 @@ the same seed, the prompt cache matched on the images' pixels, and bad images as
 import base64
 import functools
 import http.server
-import io
 import threading
 
 import openai
 import pytest
 from server_fixtures import ServerProcess
-from vision_fixtures import picture, vision_chat_model
+from vision_fixtures import data_url, picture, png, vision_chat_model
 
 from mlx_diffusiongemma import load
 from mlx_diffusiongemma.chat import ChatSession
@@ -39,16 +38,6 @@ def server(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return server.client()
-
-
-def png(image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-def data_url(image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
 
 
 def ask(client, url: str, text: str = QUESTION, history=(), **extra):

@@ -2,9 +2,7 @@
 real `openai` client while the other rank holds half of every layer and follows each
 generation step by step. Checked against one process running the whole model."""
 
-import base64
 import http.client
-import io
 import json
 import os
 import time
@@ -15,7 +13,7 @@ from mlx_diffusiongemma import generate, load
 from mlx_diffusiongemma.chat import ChatSession
 from mlx_diffusiongemma.tool_parsing import OutputParser
 from server_fixtures import CANVAS, ServerProcess, tools_chat_model
-from vision_fixtures import picture, vision_chat_model
+from vision_fixtures import data_url, picture, vision_chat_model
 
 # Argmax decoding: the ranks' partial sums add up in another order than one process's, so
 # only a regime whose tokens do not hang on the last bits can be compared token for token.
@@ -49,12 +47,6 @@ def complete(client, prompt: str, max_tokens: int = 2 * CANVAS, **extra):
     model = client.models.list().data[0].id
     return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, seed=0,
                                      extra_body={**EXACT, **extra})
-
-
-def png(image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
 
 
 def one_process(local, prompt: str, max_tokens: int = 2 * CANVAS) -> str:
@@ -138,7 +130,7 @@ def test_an_image_across_ranks_answers_what_one_process_answers_and_is_reused(vi
     try:
         client = server.client()
         image = picture(24, 36, seed=1)
-        url = "data:image/png;base64," + base64.b64encode(png(image)).decode()
+        url = data_url(image)
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
         kwargs = dict(model=client.models.list().data[0].id, max_tokens=2 * CANVAS, seed=0, extra_body=EXACT)
         first = client.chat.completions.create(messages=[{"role": "user", "content": content}], **kwargs)

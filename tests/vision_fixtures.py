@@ -2,6 +2,9 @@
 chat template writes image parts, saved as a model directory: for the vision tests and
 the server's image tests."""
 
+import base64
+import io
+
 import numpy as np
 import torch
 from PIL import Image
@@ -23,6 +26,17 @@ def picture(h: int, w: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     base = (x * 255 // max(w - 1, 1) + y * 128 // max(h - 1, 1))[..., None] % 256
     pixels = (base + rng.randint(0, 60, (h, w, channels))).clip(0, 255).astype(np.uint8)
     return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    """The image as a `data:` URL, as an OpenAI client sends it."""
+    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
 
 
 def image_tokenizer(path) -> dict:
