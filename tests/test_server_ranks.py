@@ -78,6 +78,17 @@ def test_a_setting_the_sharded_model_refuses_is_a_400_and_the_ranks_keep_serving
     assert complete(client, "Hi").choices[0].text == one_process(local, "Hi")
 
 
+def test_fill_in_the_middle_across_ranks_fills_what_one_process_fills(client, local):
+    from mlx_diffusiongemma.infill import infill
+
+    model, tokenizer = local
+    prefix, suffix, n = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n", 12
+    got = client.completions.create(model=client.models.list().data[0].id, prompt=prefix, suffix=suffix,
+                                    max_tokens=n, seed=0, extra_body=EXACT)
+    expected = infill(model, tokenizer, f"{prefix}<fill>{n}</fill>{suffix}", seed=0, **EXACT)
+    assert got.choices[0].text == expected.fills[0]
+
+
 def test_chat_across_ranks_streams_what_it_answers_whole(client):
     model = client.models.list().data[0].id
     kwargs = dict(model=model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=2 * CANVAS,
