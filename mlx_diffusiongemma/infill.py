@@ -357,6 +357,16 @@ def _attempt(layout: _Layout, lengths: tuple[int, ...], settings: dict):
     return InfillResult(text, fills, lengths, score, tokens[: total - 1])
 
 
+def log_probs_of(model, logits: mx.array, ids: mx.array) -> mx.array:
+    """log softmax(logits) at `ids`; a vocabulary-sharded model's logits are its rank's
+    slice, and every rank gets the whole vocabulary's answer."""
+    shard = getattr(model, "vocab_shard", None)
+    if shard is not None:
+        return shard.log_probs_of(logits, ids)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return mx.take_along_axis(logp, ids[..., None], axis=-1)[..., 0]
+
+
 def surprises(model, prefix: Sequence[int], tokens: Sequence[int]) -> list[float]:
     """-log p (nats) of each of `tokens` after `prefix`: one bidirectional decoder forward
     per canvas-length block, the prefix and the earlier blocks in the encoder cache, the
@@ -372,9 +382,7 @@ def surprises(model, prefix: Sequence[int], tokens: Sequence[int]) -> list[float
         block = list(tokens[start : start + L])
         canvas = mx.array([block + [args.pad_token_id] * (L - len(block))], dtype=mx.int32)
         logits = model.denoise(canvas, cache)[0, : len(block)]
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        picked = mx.take_along_axis(logp, mx.array(block, dtype=mx.int32)[:, None], axis=-1)[:, 0]
-        out += (-picked).tolist()
+        out += (-log_probs_of(model, logits, mx.array(block, dtype=mx.int32))).tolist()
         if start + L < len(tokens):
             model.encode(canvas, cache)
     return out

@@ -15,6 +15,7 @@ import numpy as np
 
 import mlx_diffusiongemma.loading as loading
 from mlx_diffusiongemma import generate_step, load_model
+from mlx_diffusiongemma.infill import surprises
 from mlx_diffusiongemma.sharded_sample import sharded_sampler_step
 
 
@@ -78,6 +79,8 @@ def run(job: dict, out: Path, rank: int) -> dict:
             if rank == 0:
                 np.save(out / f"{name}_logits{'_sc' if sc else ''}.npy", np.array(logits))
         result[f"{name}_tokens"] = [committed(model, p, c, job["settings"]) for p, c in zip(job["prompts"], job["canvases"])]
+        # Two canvases' worth of tokens: the second block reads the first from the cache.
+        result[f"{name}_surprises"] = [surprises(model, p, c + c[::-1]) for p, c in zip(job["prompts"], job["canvases"])]
         result[f"{name}_heads"] = [(l.self_attn.n_heads, l.self_attn.n_kv) for l in model.layers]
         if spec.get("sampler"):
             ref = np.load(job["sampler_logits"])

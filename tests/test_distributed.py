@@ -19,6 +19,7 @@ import pytest
 
 from mlx_diffusiongemma import generate_step, load_model
 from mlx_diffusiongemma.convert import convert
+from mlx_diffusiongemma.infill import surprises
 from mlx_diffusiongemma.sample import sampler_step
 from reference import make_reference, relative_error
 from server_fixtures import launch_command
@@ -69,7 +70,7 @@ def checkpoints(tmp_path_factory):
 def single_process(path, prompts, canvases) -> dict:
     """What the unsharded model computes on the job's inputs."""
     model = load_model(path)
-    out = {"logits": [], "logits_sc": [], "tokens": []}
+    out = {"logits": [], "logits_sc": [], "tokens": [], "surprises": []}
     for prompt, canvas in zip(prompts, canvases):
         cache = model.make_cache()
         model.encode(mx.array([prompt]), cache)
@@ -80,6 +81,7 @@ def single_process(path, prompts, canvases) -> dict:
         for event in generate_step(model, prompt, initial_canvas=canvas, seed=0, **DETERMINISTIC):
             tokens += event.committed or []
         out["tokens"].append(tokens)
+        out["surprises"].append(surprises(model, prompt, canvas + canvas[::-1]))
     return {k: np.stack(v) if k != "tokens" else v for k, v in out.items()}
 
 
@@ -129,6 +131,14 @@ def test_generate_commits_single_process_tokens(ranks, expected, name):
     assert len(expected[name]["tokens"][0]) == DETERMINISTIC["max_tokens"]
     for r in results:  # every rank commits the same tokens
         assert r[f"{name}_tokens"] == expected[name]["tokens"]
+
+
+@pytest.mark.parametrize("name", ["f32", "q4"])
+def test_check_surprises_on_vocabulary_shards_match_single_process(ranks, expected, name):
+    # `check` and infill's length search read -log p of given tokens over the whole vocabulary.
+    _, _, results = ranks
+    for r in results:
+        np.testing.assert_allclose(np.array(r[f"{name}_surprises"]), expected[name]["surprises"], rtol=1e-4, atol=1e-4)
 
 
 def test_heads_split_and_kv_replicated_where_fewer_than_ranks(ranks):
