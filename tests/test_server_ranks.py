@@ -5,6 +5,7 @@ generation step by step. Checked against one process running the whole model."""
 import http.client
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -112,6 +113,25 @@ def test_a_stop_string_ends_every_rank_at_the_same_step_and_the_next_prompt_reus
     again = complete(client, longer)
     assert again.choices[0].text == one_process(local, longer)
     assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_four_concurrent_clients_across_ranks_get_what_one_process_writes(client, local):
+    prompts = [f"client {c} asks about number {c * 7}" for c in range(4)]
+    results, errors = [None] * 4, []
+
+    def worker(c):
+        try:
+            results[c] = complete(client, prompts[c]).choices[0].text
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    assert results == [one_process(local, p) for p in prompts]
 
 
 def test_a_client_that_goes_away_mid_generation_leaves_the_ranks_in_step(server, client, local):
