@@ -4,9 +4,10 @@
 A sharded forward is a sequence of collectives that every rank must enter in the same order,
 so the followers run the same generation as rank 0 on the same inputs and stop at the same
 event. Rank 0 sends each job as a message (`tell`/`hear`: JSON through two broadcasts, a
-length and the bytes; an image's pixels as one more) and, before every event it asks for, one flag that says whether the
-generation goes on (`lead`/`follow`): a client that goes away, a stop string or a filled hole
-ends it on rank 0, and the flag ends it on every rank at the same step.
+length and the bytes; an image's pixels as one more) and, before every event it asks for,
+one flag that says whether the generation goes on (`lead`/`follow`): a client that goes
+away, a stop string or a filled hole ends it on rank 0, and the flag ends it on every rank
+at the same step.
 """
 
 import json
