@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .sample import start_canvas
+from .sample import renoise, start_canvas
 
 
 @dataclass
@@ -85,6 +85,15 @@ def open_canvas(model, s, key: mx.array, pins: CanvasPins | None, shape: tuple[i
     canvas = start_canvas(initial, (B, L), V, noise_key)
     pinned = mx.zeros((B, L), dtype=mx.bool_) if pins is None else pins.mask
     return key, canvas, pinned, eos_bias(s.eos_token_ids, V, pins)
+
+
+def hold_revealed(accepted: mx.array, draws: mx.array, argmax: mx.array, revealed: mx.array, held: mx.array,
+                  vocab_size: int, key: mx.array):
+    """The confidence sampler's bookkeeping after a step: the newly `accepted` draws are
+    held, every position not yet revealed is renoised, and the draft shows what is held.
+    Returns (held, revealed, next canvas, draft argmax)."""
+    held, revealed = mx.where(accepted, draws, held), revealed | accepted
+    return held, revealed, renoise(held, revealed, vocab_size, key), mx.where(revealed, held, argmax)
 
 
 def fully_pinned_event(index: int, pins: CanvasPins | None, B: int, prompt_seconds: float | None):

@@ -18,11 +18,13 @@ from typing import Generator, Mapping, Sequence
 
 import mlx.core as mx
 
-from .canvas import CanvasPins, StepEvent, canvas_lengths, context_needed, fully_pinned_event, open_canvas
+from .canvas import (
+    CanvasPins, StepEvent, canvas_lengths, context_needed, fully_pinned_event, hold_revealed, open_canvas,
+)
 from .errors import UserError
 from .models.cache import cache_length
 from .models.sharding import broadcast
-from .sample import free_mean, pad_after_eos, pin, rows_stable, sampler_step, temperature
+from .sample import free_mean, pad_after_eos, pin, reveal_by_confidence, rows_stable, sampler_step, temperature
 from .sharded_sample import sharded_sampler_step
 from .steps import denoise_canvas
 
@@ -384,11 +386,12 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, featu
 
 def _canvas_loop(model, s: GenerationSettings):
     """The fused loop (steps.py); a vocabulary-sharded model keeps the reference loop below,
-    which has no fast-mode levers."""
+    which takes every lever but top-k self-conditioning."""
     if getattr(model, "vocab_shard", None) is None:
         return denoise_canvas
-    if s.sampler != "entropy" or s.self_conditioning_top_k:
-        raise UserError("a sharded model runs the reference sampler only; drop sampler/self_conditioning_top_k/fast")
+    if s.self_conditioning_top_k:
+        raise UserError("a sharded model builds self-conditioning from the whole vocabulary; "
+                        "drop self_conditioning_top_k")
     return _denoise_canvas
 
 
@@ -471,7 +474,11 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
     # Sharded, the logits are this rank's vocabulary slice (see sharded_sample.py).
     sampler = sampler_step if shard is None else partial(sharded_sampler_step, vocab=shard)
     bias = bias if bias is None or shard is None else shard.local(bias)
-    bound = mx.array(s.entropy_bound, dtype=mx.float32)
+    confident = s.sampler == "confidence"
+    # The confidence rule accepts by probability, so the entropy budget admits every draw.
+    bound = mx.array(math.inf if confident else s.entropy_bound, dtype=mx.float32)
+    threshold = mx.array(s.threshold, dtype=mx.float32)
+    revealed, held = pinned, (mx.zeros(shape, dtype=mx.int32) if pins is None else pins.tokens)
     scaled, probs, history = None, None, []
     final, done, steps = None, mx.zeros((B,), dtype=mx.bool_), [0] * B
     for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
@@ -480,16 +487,25 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
         if bias is not None:
             logits = logits + bias
         inv_t = mx.array(1.0 / temperature(cur_step, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)
-        scaled, probs, argmax, canvas, accepted, entropy = sampler(
-            logits, inv_t, bound, mx.random.split(step_key), pinned)
+        keys = mx.random.split(step_key)
+        scaled, probs, argmax, canvas, accepted, entropy = sampler(logits, inv_t, bound, keys, pinned)
+        if confident:
+            last = mx.array(cur_step == 1)
+            confidence = (mx.take_along_axis(probs, canvas[..., None], axis=-1)[..., 0] if shard is None
+                          else shard.values_at(probs, canvas))
+            accepted = reveal_by_confidence(confidence, revealed, threshold, last)
+            held, revealed, canvas, argmax = hold_revealed(accepted, canvas, argmax, revealed, held,
+                                                           model.args.vocab_size, keys[1])
         canvas, argmax = pin(canvas, pins), pin(argmax, pins)
         mean_entropy = free_mean(entropy, None if pins is None else pins.mask)
         stop = (mean_entropy < s.confidence_threshold) & rows_stable(argmax, history, s.stability_threshold)
+        if confident:
+            stop = stop | revealed.all(axis=-1)
         # A row keeps the canvas it stopped on; the rows still running carry on.
         final = argmax if final is None else mx.where(done[:, None], final, argmax)
         done = done | stop
         history = (history + [argmax])[-max(s.stability_threshold, 1):]
-        mx.eval(final, done, canvas, mean_entropy, accepted)
+        mx.eval(final, done, canvas, mean_entropy, accepted, revealed, held)
         event = StepEvent(index, n, final, accepted.sum(axis=-1).tolist(), mean_entropy.tolist(),
                           prompt_seconds=prompt_seconds)
         prompt_seconds = None

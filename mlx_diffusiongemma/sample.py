@@ -120,13 +120,21 @@ def capped_sampler_step(raw: mx.array, cap: mx.array, bias: mx.array, inv_t: mx.
 @mx.compile
 def reveal_confident(probs: mx.array, sampled: mx.array, revealed: mx.array, threshold: mx.array,
                      force_all: mx.array) -> mx.array:
-    """The confidence-threshold rule (mlx-vlm's default sampler): the positions not yet
-    revealed whose sampled token has probability >= `threshold`, at least the most
-    confident one per row while any is left, every one left when `force_all`."""
+    """The confidence-threshold rule (mlx-vlm's default sampler) on the probabilities of the
+    `sampled` tokens: see `reveal_by_confidence`."""
     confidence = mx.take_along_axis(probs, sampled[..., None], axis=-1).squeeze(-1)
+    return reveal_by_confidence(confidence, revealed, threshold, force_all)
+
+
+@mx.compile
+def reveal_by_confidence(confidence: mx.array, revealed: mx.array, threshold: mx.array,
+                         force_all: mx.array) -> mx.array:
+    """The positions not yet revealed whose sampled token has probability (`confidence`,
+    (B, L)) >= `threshold`, at least the most confident one per row while any is left,
+    every one left when `force_all`."""
     free = ~revealed
     new = free & (confidence >= threshold)
     starved = free.any(axis=-1) & ~new.any(axis=-1)
     best = mx.argmax(mx.where(free, confidence, -1.0), axis=-1)
-    forced = starved[:, None] & (mx.arange(probs.shape[1])[None] == best[:, None])
+    forced = starved[:, None] & (mx.arange(confidence.shape[1])[None] == best[:, None])
     return new | forced | (free & force_all)

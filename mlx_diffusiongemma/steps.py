@@ -22,10 +22,8 @@ import math
 
 import mlx.core as mx
 
-from .canvas import StepEvent, fully_pinned_event, open_canvas
-from .sample import (
-    capped_sampler_step, free_mean, pin, renoise, reveal_confident, rows_stable, temperature,
-)
+from .canvas import StepEvent, fully_pinned_event, hold_revealed, open_canvas
+from .sample import capped_sampler_step, free_mean, pin, reveal_confident, rows_stable, temperature
 
 
 def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, shape: tuple[int, int],
@@ -59,9 +57,7 @@ def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, shape
         if confident:
             # With every draw accepted, `canvas` holds the draws.
             accepted = reveal_confident(probs, canvas, revealed, threshold, mx.array(cur_step == 1))
-            held, revealed = mx.where(accepted, canvas, held), revealed | accepted
-            canvas = renoise(held, revealed, V, keys[1])
-            argmax = mx.where(revealed, held, argmax)
+            held, revealed, canvas, argmax = hold_revealed(accepted, canvas, argmax, revealed, held, V, keys[1])
         # Pins enter the canvas from its first renoising on; the first forward reads the
         # canvas as it started (see `GenerationSettings.pinned`).
         canvas, argmax = pin(canvas, pins), pin(argmax, pins)

@@ -19,6 +19,10 @@ from mlx_diffusiongemma.infill import surprises
 from mlx_diffusiongemma.sharded_sample import sharded_sampler_step
 
 
+# The confidence sampler at a threshold few first draws reach (mlx-vlm's rule).
+CONFIDENT = dict(sampler="confidence", threshold=0.9999)
+
+
 def gather_vocab(logits: mx.array, vocab) -> mx.array:
     """Full-vocabulary logits from every rank's slice (for checking only: the sampler
     never does this)."""
@@ -65,7 +69,8 @@ def sampler_check(logits: np.ndarray, vocab, inv_t: float, bound: float) -> dict
     sampled = sharded_sampler_step(local, mx.array(inv_t), mx.array(1e9), keys, pinned, vocab)[3]
     return dict(entropy=entropy.tolist(), accepted=accepted.tolist(), argmax=argmax.tolist(),
                 canvas=canvas.tolist(), sampled=sampled.tolist(),
-                probs=np.array(gather_vocab(probs, vocab)).tolist())
+                probs=np.array(gather_vocab(probs, vocab)).tolist(),
+                confidence=vocab.values_at(probs, sampled).tolist())
 
 
 def run(job: dict, out: Path, rank: int) -> dict:
@@ -79,6 +84,9 @@ def run(job: dict, out: Path, rank: int) -> dict:
             if rank == 0:
                 np.save(out / f"{name}_logits{'_sc' if sc else ''}.npy", np.array(logits))
         result[f"{name}_tokens"] = [committed(model, p, c, job["settings"]) for p, c in zip(job["prompts"], job["canvases"])]
+        confident = {**job["settings"], **CONFIDENT}
+        result[f"{name}_confident_tokens"] = [committed(model, p, c, confident)
+                                              for p, c in zip(job["prompts"], job["canvases"])]
         # Two canvases' worth of tokens: the second block reads the first from the cache.
         result[f"{name}_surprises"] = [surprises(model, p, c + c[::-1]) for p, c in zip(job["prompts"], job["canvases"])]
         result[f"{name}_heads"] = [(l.self_attn.n_heads, l.self_attn.n_kv) for l in model.layers]

@@ -21,6 +21,7 @@ from mlx_diffusiongemma import generate_step, load_model
 from mlx_diffusiongemma.convert import convert
 from mlx_diffusiongemma.infill import surprises
 from mlx_diffusiongemma.sample import sampler_step
+from distributed_worker import CONFIDENT, committed
 from reference import make_reference, relative_error
 from server_fixtures import launch_command
 
@@ -70,7 +71,7 @@ def checkpoints(tmp_path_factory):
 def single_process(path, prompts, canvases) -> dict:
     """What the unsharded model computes on the job's inputs."""
     model = load_model(path)
-    out = {"logits": [], "logits_sc": [], "tokens": [], "surprises": []}
+    out = {"logits": [], "logits_sc": [], "tokens": [], "confident_tokens": [], "surprises": []}
     for prompt, canvas in zip(prompts, canvases):
         cache = model.make_cache()
         model.encode(mx.array([prompt]), cache)
@@ -81,8 +82,9 @@ def single_process(path, prompts, canvases) -> dict:
         for event in generate_step(model, prompt, initial_canvas=canvas, seed=0, **DETERMINISTIC):
             tokens += event.committed or []
         out["tokens"].append(tokens)
+        out["confident_tokens"].append(committed(model, prompt, canvas, {**DETERMINISTIC, **CONFIDENT}))
         out["surprises"].append(surprises(model, prompt, canvas + canvas[::-1]))
-    return {k: np.stack(v) if k != "tokens" else v for k, v in out.items()}
+    return {k: v if k.endswith("tokens") else np.stack(v) for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,14 @@ def test_generate_commits_single_process_tokens(ranks, expected, name):
 
 
 @pytest.mark.parametrize("name", ["f32", "q4"])
+def test_the_confidence_sampler_on_shards_commits_single_process_tokens(ranks, expected, name):
+    _, _, results = ranks
+    for r in results:
+        assert r[f"{name}_confident_tokens"] == expected[name]["confident_tokens"]
+    assert expected[name]["confident_tokens"] != expected[name]["tokens"]
+
+
+@pytest.mark.parametrize("name", ["f32", "q4"])
 def test_check_surprises_on_vocabulary_shards_match_single_process(ranks, expected, name):
     # `check` and infill's length search read -log p of given tokens over the whole vocabulary.
     _, _, results = ranks
@@ -167,6 +177,8 @@ def test_sampler_on_vocabulary_shards_matches_full_vocabulary(ranks, tmp_path):
         np.testing.assert_allclose(s["probs"], np.array(probs), rtol=1e-5, atol=1e-7)
         assert s["accepted"] == accepted.tolist() and s["argmax"] == argmax.tolist()
         assert s["sampled"] == sampled.tolist() and s["canvas"] == canvas.tolist()
+        confidence = mx.take_along_axis(probs, sampled[..., None], axis=-1)[..., 0]
+        np.testing.assert_allclose(s["confidence"], np.array(confidence), rtol=1e-5, atol=1e-7)
         assert s == results[0]["sampler"]
 
 

@@ -74,9 +74,16 @@ def test_a_setting_the_sharded_model_refuses_is_a_400_and_the_ranks_keep_serving
     import openai
 
     with pytest.raises(openai.BadRequestError) as e:
-        complete(client, PROMPT, sampler="confidence")
-    assert "sharded model runs the reference sampler" in str(e.value)
+        complete(client, PROMPT, self_conditioning_top_k=4)
+    assert "drop self_conditioning_top_k" in str(e.value)
     assert complete(client, "Hi").choices[0].text == one_process(local, "Hi")
+
+
+def test_the_confidence_sampler_across_ranks_writes_what_one_process_writes(client, local):
+    model, tokenizer = local
+    got = complete(client, PROMPT, sampler="confidence", threshold=0.9999)
+    assert got.choices[0].text == generate(model, tokenizer, PROMPT, seed=0, max_tokens=2 * CANVAS,
+                                           sampler="confidence", threshold=0.9999, **EXACT)
 
 
 def test_fill_in_the_middle_across_ranks_fills_what_one_process_fills(client, local):

@@ -39,6 +39,8 @@ def run(model, prompt, old: bool, monkeypatch, **settings):
     dict(seed=2, t_min=0.8, t_max=1.6, entropy_bound=0.5, max_tokens=3 * CANVAS),
     dict(seed=3, pinned={2: 7, 20: 9}, max_tokens=2 * CANVAS, stability_threshold=2),
     dict(seed=5, pinned={CANVAS + 3: 9}, max_tokens=CANVAS + 5, full_canvas=False, min_canvas_length=1),
+    dict(seed=7, sampler="confidence", threshold=0.5, max_tokens=2 * CANVAS),
+    dict(seed=8, sampler="confidence", threshold=0.3, pinned={1: 4, 9: 12}, max_tokens=CANVAS),
 ])
 def test_fused_loop_gives_the_reference_loop_tokens(model, settings, monkeypatch):
     prompt = [5, 17, 40, 99, 3, 12]

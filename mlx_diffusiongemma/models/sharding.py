@@ -114,15 +114,19 @@ class VocabShard:
         total = (stats[..., 1] * mx.exp(stats[..., 0] - M)).sum(axis=0)
         return e * (mx.exp(m[..., 0] - M) / total)[..., None]
 
-    def log_probs_of(self, x: mx.array, ids: mx.array) -> mx.array:
-        """log softmax(x) over the whole vocabulary at `ids` (x's shape but the last axis),
-        from this rank's slice `x`: each rank's log-sum-exp is gathered, and the rank that
-        holds an id contributes its logit to an all-sum (exactly one non-zero term)."""
-        lse = mx.logsumexp(all_gather(mx.logsumexp(x, axis=-1), self.group), axis=0)
+    def values_at(self, x: mx.array, ids: mx.array) -> mx.array:
+        """x[..., ids] of a whole-vocabulary `x` (x's shape but the last axis) from this
+        rank's slice: the rank that holds an id gives its value to an all-sum, the others 0."""
         local = ids - self.start
         inside = (local >= 0) & (local < self.stop - self.start)
         picked = mx.take_along_axis(x, mx.where(inside, local, 0)[..., None], axis=-1)[..., 0]
-        return all_sum(mx.where(inside, picked, 0.0), self.group) - lse
+        return all_sum(mx.where(inside, picked, 0.0), self.group)
+
+    def log_probs_of(self, x: mx.array, ids: mx.array) -> mx.array:
+        """log softmax(x) over the whole vocabulary at `ids`, from this rank's slice `x`:
+        each rank's log-sum-exp is gathered, the logits at `ids` come from `values_at`."""
+        lse = mx.logsumexp(all_gather(mx.logsumexp(x, axis=-1), self.group), axis=0)
+        return self.values_at(x, ids) - lse
 
     def embed(self, table: nn.Module, ids: mx.array) -> mx.array:
         """Embedding rows of `ids`: each rank looks up the ids it holds, zeros elsewhere,
