@@ -386,12 +386,13 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, featu
 
 def _canvas_loop(model, s: GenerationSettings):
     """The fused loop (steps.py); a vocabulary-sharded model keeps the reference loop below,
-    which takes every lever but top-k self-conditioning."""
-    if getattr(model, "vocab_shard", None) is None:
+    which takes the same levers."""
+    shard = getattr(model, "vocab_shard", None)
+    if shard is None:
         return denoise_canvas
-    if s.self_conditioning_top_k:
-        raise UserError("a sharded model builds self-conditioning from the whole vocabulary; "
-                        "drop self_conditioning_top_k")
+    if s.self_conditioning_top_k > shard.smallest:
+        raise UserError(f"self_conditioning_top_k={s.self_conditioning_top_k} is more than the "
+                        f"{shard.smallest} tokens of the smallest rank's vocabulary slice; lower it")
     return _denoise_canvas
 
 
@@ -483,7 +484,8 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
     final, done, steps = None, mx.zeros((B,), dtype=mx.bool_), [0] * B
     for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
         key, step_key = mx.random.split(key)
-        logits = model.denoise(canvas, cache, scaled, self_conditioning_probs=probs)
+        logits = model.denoise(canvas, cache, scaled, self_conditioning_probs=probs,
+                               self_conditioning_top_k=s.self_conditioning_top_k or None)
         if bias is not None:
             logits = logits + bias
         inv_t = mx.array(1.0 / temperature(cur_step, s.max_denoising_steps, s.t_min, s.t_max), dtype=mx.float32)

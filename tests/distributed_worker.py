@@ -19,10 +19,6 @@ from mlx_diffusiongemma.infill import surprises
 from mlx_diffusiongemma.sharded_sample import sharded_sampler_step
 
 
-# The confidence sampler at a threshold few first draws reach (mlx-vlm's rule).
-CONFIDENT = dict(sampler="confidence", threshold=0.9999)
-
-
 def gather_vocab(logits: mx.array, vocab) -> mx.array:
     """Full-vocabulary logits from every rank's slice (for checking only: the sampler
     never does this)."""
@@ -36,15 +32,21 @@ def gather_vocab(logits: mx.array, vocab) -> mx.array:
     return full
 
 
-def canvas_logits(model, prompts, canvases, self_conditioned: bool) -> mx.array:
-    """Logits of each (prompt, canvas), optionally for a second, self-conditioned step."""
+# The speed levers a sharded model takes beside the reference sampler.
+CONFIDENT = dict(sampler="confidence", threshold=0.9999)
+TOP_K = 5
+
+
+def canvas_logits(model, prompts, canvases, self_conditioned: bool, top_k: int | None = None) -> mx.array:
+    """Logits of each (prompt, canvas), optionally for a second, self-conditioned step
+    (from the `top_k` likeliest tokens only, if given)."""
     out = []
     for prompt, canvas in zip(prompts, canvases):
         cache = model.make_cache()
         model.encode(mx.array([prompt]), cache)
         logits = model.denoise(mx.array([canvas]), cache)
         if self_conditioned:
-            logits = model.denoise(mx.array([canvas]), cache, logits * 1.25)
+            logits = model.denoise(mx.array([canvas]), cache, logits * 1.25, self_conditioning_top_k=top_k)
         out.append(logits)
     return mx.concatenate(out, axis=0)
 
@@ -83,10 +85,13 @@ def run(job: dict, out: Path, rank: int) -> dict:
             logits = gather_vocab(canvas_logits(model, job["prompts"], job["canvases"], sc), vocab)
             if rank == 0:
                 np.save(out / f"{name}_logits{'_sc' if sc else ''}.npy", np.array(logits))
+        logits = gather_vocab(canvas_logits(model, job["prompts"], job["canvases"], True, TOP_K), vocab)
+        if rank == 0:
+            np.save(out / f"{name}_logits_topk.npy", np.array(logits))
         result[f"{name}_tokens"] = [committed(model, p, c, job["settings"]) for p, c in zip(job["prompts"], job["canvases"])]
-        confident = {**job["settings"], **CONFIDENT}
-        result[f"{name}_confident_tokens"] = [committed(model, p, c, confident)
-                                              for p, c in zip(job["prompts"], job["canvases"])]
+        for lever, settings in (("confident", CONFIDENT), ("topk", dict(self_conditioning_top_k=TOP_K))):
+            result[f"{name}_{lever}_tokens"] = [committed(model, p, c, {**job["settings"], **settings})
+                                                for p, c in zip(job["prompts"], job["canvases"])]
         # Two canvases' worth of tokens: the second block reads the first from the cache.
         result[f"{name}_surprises"] = [surprises(model, p, c + c[::-1]) for p, c in zip(job["prompts"], job["canvases"])]
         result[f"{name}_heads"] = [(l.self_attn.n_heads, l.self_attn.n_kv) for l in model.layers]

@@ -21,7 +21,7 @@ from mlx_diffusiongemma import generate_step, load_model
 from mlx_diffusiongemma.convert import convert
 from mlx_diffusiongemma.infill import surprises
 from mlx_diffusiongemma.sample import sampler_step
-from distributed_worker import CONFIDENT, committed
+from distributed_worker import CONFIDENT, TOP_K, committed
 from reference import make_reference, relative_error
 from server_fixtures import launch_command
 
@@ -71,18 +71,22 @@ def checkpoints(tmp_path_factory):
 def single_process(path, prompts, canvases) -> dict:
     """What the unsharded model computes on the job's inputs."""
     model = load_model(path)
-    out = {"logits": [], "logits_sc": [], "tokens": [], "confident_tokens": [], "surprises": []}
+    out = {"logits": [], "logits_sc": [], "logits_topk": [], "tokens": [], "confident_tokens": [],
+           "topk_tokens": [], "surprises": []}
     for prompt, canvas in zip(prompts, canvases):
         cache = model.make_cache()
         model.encode(mx.array([prompt]), cache)
         logits = model.denoise(mx.array([canvas]), cache)
         out["logits"].append(np.array(logits[0]))
         out["logits_sc"].append(np.array(model.denoise(mx.array([canvas]), cache, logits * 1.25)[0]))
+        out["logits_topk"].append(np.array(model.denoise(mx.array([canvas]), cache, logits * 1.25,
+                                                         self_conditioning_top_k=TOP_K)[0]))
         tokens = []
         for event in generate_step(model, prompt, initial_canvas=canvas, seed=0, **DETERMINISTIC):
             tokens += event.committed or []
         out["tokens"].append(tokens)
         out["confident_tokens"].append(committed(model, prompt, canvas, {**DETERMINISTIC, **CONFIDENT}))
+        out["topk_tokens"].append(committed(model, prompt, canvas, {**DETERMINISTIC, "self_conditioning_top_k": TOP_K}))
         out["surprises"].append(surprises(model, prompt, canvas + canvas[::-1]))
     return {k: v if k.endswith("tokens") else np.stack(v) for k, v in out.items()}
 
@@ -113,7 +117,7 @@ def ranks(request, checkpoints, expected, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["f32", "q4"])
-@pytest.mark.parametrize("sc", ["", "_sc"], ids=["first-step", "self-conditioned"])
+@pytest.mark.parametrize("sc", ["", "_sc", "_topk"], ids=["first-step", "self-conditioned", "top-k-self-conditioned"])
 def test_decoder_logits_match_single_process(ranks, expected, name, sc):
     n, out, results = ranks
     assert all(r["size"] == n for r in results)
@@ -136,11 +140,16 @@ def test_generate_commits_single_process_tokens(ranks, expected, name):
 
 
 @pytest.mark.parametrize("name", ["f32", "q4"])
-def test_the_confidence_sampler_on_shards_commits_single_process_tokens(ranks, expected, name):
+@pytest.mark.parametrize("lever", ["confident", "topk"])
+def test_speed_levers_on_shards_commit_single_process_tokens(ranks, expected, name, lever):
     _, _, results = ranks
     for r in results:
-        assert r[f"{name}_confident_tokens"] == expected[name]["confident_tokens"]
-    assert expected[name]["confident_tokens"] != expected[name]["tokens"]
+        assert r[f"{name}_{lever}_tokens"] == expected[name][f"{lever}_tokens"]
+    if lever == "confident":
+        assert expected[name][f"{lever}_tokens"] != expected[name]["tokens"]
+    else:
+        # Argmax decoding sees no difference; the top-k signal itself does (logits test above).
+        assert relative_error(expected[name]["logits_topk"], expected[name]["logits_sc"]) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["f32", "q4"])

@@ -41,6 +41,7 @@ def run(model, prompt, old: bool, monkeypatch, **settings):
     dict(seed=5, pinned={CANVAS + 3: 9}, max_tokens=CANVAS + 5, full_canvas=False, min_canvas_length=1),
     dict(seed=7, sampler="confidence", threshold=0.5, max_tokens=2 * CANVAS),
     dict(seed=8, sampler="confidence", threshold=0.3, pinned={1: 4, 9: 12}, max_tokens=CANVAS),
+    dict(seed=9, self_conditioning_top_k=4, max_tokens=2 * CANVAS),
 ])
 def test_fused_loop_gives_the_reference_loop_tokens(model, settings, monkeypatch):
     prompt = [5, 17, 40, 99, 3, 12]

@@ -232,15 +232,34 @@ class SelfConditioning(nn.Module):
         return rms_norm(embeds, None, self.eps)
 
 
+def top_k(x: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The k largest values of the last axis and their indices (in no particular order)."""
+    idx = mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k]
+    return mx.take_along_axis(x, idx, axis=-1), idx
+
+
 def top_k_soft_embed(decoder, logits: mx.array, probs: mx.array | None, k: int, dtype: mx.Dtype) -> mx.array:
     """The self-conditioning signal from the k most probable tokens of each position, their
-    probabilities renormalised: k embedding rows instead of a product with the whole table."""
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1) if probs is None else probs
-    idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
-    top = mx.take_along_axis(probs, idx, axis=-1)
+    probabilities renormalised: k embedding rows instead of a product with the whole table.
+    Sharded, each rank offers its slice's k best, the k best of all are kept, and each rank
+    adds the rows it holds to an all-sum of the signal (one (B, L, H) array, as the dense
+    signal's)."""
+    vocab = decoder.vocab
+    if probs is None:
+        scores = logits.astype(mx.float32)
+        probs = mx.softmax(scores, axis=-1) if vocab is None else vocab.softmax(scores)
+    top, idx = top_k(probs, k)
+    if vocab is not None:
+        top, idx = vocab.global_top_k(top, idx + vocab.start)
     weights = (top / top.sum(axis=-1, keepdims=True)).astype(dtype)
-    rows = decoder.embed_tokens(idx).astype(dtype)
-    return (weights[..., None] * rows).sum(axis=-2) * mx.array(decoder.embed_scale, dtype=dtype)
+    if vocab is None:
+        rows = decoder.embed_tokens(idx).astype(dtype)
+        return (weights[..., None] * rows).sum(axis=-2) * mx.array(decoder.embed_scale, dtype=dtype)
+    local = idx - vocab.start
+    inside = (local >= 0) & (local < vocab.stop - vocab.start)
+    rows = decoder.embed_tokens(mx.where(inside, local, 0)).astype(dtype) * inside[..., None].astype(dtype)
+    signal = all_sum((weights[..., None] * rows).sum(axis=-2), vocab.group)
+    return signal * mx.array(decoder.embed_scale, dtype=dtype)
 
 
 def embedding_matmul(embed: nn.Module, probs: mx.array) -> mx.array:

@@ -114,6 +114,22 @@ class VocabShard:
         total = (stats[..., 1] * mx.exp(stats[..., 0] - M)).sum(axis=0)
         return e * (mx.exp(m[..., 0] - M) / total)[..., None]
 
+    @property
+    def smallest(self) -> int:
+        """Entries of the smallest rank's slice (the last rank's)."""
+        per = -(-self.size // self.group.size())
+        return self.size - (self.group.size() - 1) * per
+
+    def global_top_k(self, values: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
+        """The k largest of every rank's k candidate `values` (..., k) and their global
+        `ids`: the candidates are gathered (N k per position, never the logits), so each
+        rank must offer its own k best (k at most `smallest`)."""
+        k = values.shape[-1]
+        values, ids = (mx.moveaxis(all_gather(a, self.group), 0, -2) for a in (values, ids))
+        values, ids = values.reshape(*values.shape[:-2], -1), ids.reshape(*ids.shape[:-2], -1)
+        pick = mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k]
+        return mx.take_along_axis(values, pick, axis=-1), mx.take_along_axis(ids, pick, axis=-1)
+
     def values_at(self, x: mx.array, ids: mx.array) -> mx.array:
         """x[..., ids] of a whole-vocabulary `x` (x's shape but the last axis) from this
         rank's slice: the rank that holds an id gives its value to an all-sum, the others 0."""
