@@ -41,22 +41,22 @@ class CanvasPins:
     all_pinned: bool
 
 
-def canvas_lengths(s, canvas_length: int) -> list[int]:
-    """Positions of each canvas a generation of `s.max_tokens` writes: whole canvases, as
-    the reference, or with `s.full_canvas` off a final canvas cut to the tokens that remain
-    (at least `s.min_canvas_length`, mlx-vlm's rule)."""
-    n = math.ceil(s.max_tokens / canvas_length)
-    remaining = s.max_tokens - (n - 1) * canvas_length
-    last = canvas_length if s.full_canvas else min(canvas_length, max(remaining, s.min_canvas_length))
+def canvas_lengths(max_tokens: int, canvas_length: int, full_canvas: bool = True,
+                   min_canvas_length: int = 1) -> list[int]:
+    """Positions of each canvas a generation of `max_tokens` writes: whole canvases, as the
+    reference, or without `full_canvas` a final canvas cut to the tokens that remain (at
+    least `min_canvas_length`, mlx-vlm's rule)."""
+    n = math.ceil(max_tokens / canvas_length)
+    remaining = max_tokens - (n - 1) * canvas_length
+    last = canvas_length if full_canvas else min(canvas_length, max(remaining, min_canvas_length))
     return [canvas_length] * (n - 1) + [last]
 
 
-def context_needed(args, prompt_tokens: int, output_tokens: int) -> int:
-    """Context positions a prompt and an output of these lengths take: every canvas is
-    committed whole, so the output counts in whole canvases (an upper bound when the final
-    canvas is cut short)."""
-    L = args.canvas_length
-    return prompt_tokens + math.ceil(output_tokens / L) * L
+def context_needed(args, prompt_tokens: int, output_tokens: int, full_canvas: bool = True,
+                   min_canvas_length: int = 1) -> int:
+    """Context positions a prompt and an output of these lengths take: the output counts in
+    the canvases it is written in (`canvas_lengths`)."""
+    return prompt_tokens + sum(canvas_lengths(output_tokens, args.canvas_length, full_canvas, min_canvas_length))
 
 
 _BANNED_LOGIT = -1e9

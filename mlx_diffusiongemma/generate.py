@@ -349,7 +349,7 @@ def generate_step(
 def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, features: list | None = None):
     args = model.args
     B, L = prompt.shape[0], args.canvas_length
-    _check_context(cache_length(cache) + prompt.shape[1], s.max_tokens, args)
+    _check_context(cache_length(cache) + prompt.shape[1], s, args)
     key = seed_key(s.seed)
     shard = getattr(model, "vocab_shard", None)
     if shard is not None:
@@ -362,7 +362,7 @@ def _generate(model, prompt: mx.array, cache: list, s: GenerationSettings, featu
         model.encode(prompt, cache)
     prompt_seconds = time.perf_counter() - tic
     eos, ended = set(s.eos_token_ids), [False] * B
-    sizes = canvas_lengths(s, L)
+    sizes = canvas_lengths(s.max_tokens, L, s.full_canvas, s.min_canvas_length)
     for c, size in enumerate(sizes):
         pins = canvas_pins(s, c, B, L, size)
         # One key chain runs through every canvas and step of the generation.
@@ -426,12 +426,12 @@ def _listed(ids):
     return ids
 
 
-def _check_context(used: int, max_tokens: int, args) -> None:
-    need = context_needed(args, used, max_tokens)
+def _check_context(used: int, s: GenerationSettings, args) -> None:
+    need = context_needed(args, used, s.max_tokens, s.full_canvas, s.min_canvas_length)
     if need > args.max_position_embeddings:
-        n_canvases = math.ceil(max_tokens / args.canvas_length)
+        n_canvases = math.ceil(s.max_tokens / args.canvas_length)
         raise UserError(
-            f"prompt ({used} tokens) + {n_canvases} canvases x {args.canvas_length} = {need} tokens exceeds "
+            f"prompt ({used} tokens) + {n_canvases} canvases ({need - used} positions) = {need} tokens exceeds "
             f"the model's context of {args.max_position_embeddings}; shorten the prompt or lower max_tokens"
         )
 

@@ -803,7 +803,7 @@ class Server:
     def _job(self, req: _Request, ids: list[int], max_tokens, prompt_field: str, **extra) -> Job:
         settings = self._settings(req, max_tokens)
         self._check_context(len(ids), settings.max_tokens, prompt_field,
-                            f"the prompt ({len(ids)} tokens) and max_tokens={settings.max_tokens}")
+                            f"the prompt ({len(ids)} tokens) and max_tokens={settings.max_tokens}", settings)
         return Job(ids, settings, _stops(req.stop), req.stream and req.stream_drafts, asyncio.get_running_loop(),
                    **extra)
 
@@ -837,11 +837,14 @@ class Server:
         except UserError as e:
             raise APIError(400, str(e), _setting_param(str(e))) from None
 
-    def _check_context(self, prompt_tokens: int, output_tokens: int, param: str, what: str) -> None:
+    def _check_context(self, prompt_tokens: int, output_tokens: int, param: str, what: str,
+                       settings: GenerationSettings | None = None) -> None:
         args = self.engine.model.args
-        need = context_needed(args, prompt_tokens, output_tokens)
+        cut = {} if settings is None else dict(full_canvas=settings.full_canvas,
+                                               min_canvas_length=settings.min_canvas_length)
+        need = context_needed(args, prompt_tokens, output_tokens, **cut)
         if need > args.max_position_embeddings:
-            raise APIError(400, f"{what} (written as whole canvases) need {need} tokens, over the model's "
+            raise APIError(400, f"{what} (written in canvases) need {need} tokens, over the model's "
                            f"context of {args.max_position_embeddings}", param, "context_length_exceeded")
 
     def _admit(self, job: Job) -> None:

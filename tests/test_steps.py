@@ -118,6 +118,17 @@ def test_a_cut_final_canvas_holds_what_remains_and_commits_exactly_max_tokens(mo
     assert committed[0] == whole_committed[0] and [len(c) for c in whole_committed] == [CANVAS, CANVAS]
 
 
+def test_the_context_check_counts_a_cut_final_canvas_as_cut(model):
+    context = model.args.max_position_embeddings
+    prompt = [5] * (context - CANVAS - 5)  # room for one whole canvas and 5 more positions
+    settings = dict(max_tokens=CANVAS + 5, max_denoising_steps=1, seed=0)
+    with pytest.raises(UserError, match="2 canvases .32 positions. = 4107 tokens exceeds"):
+        next(generate_step(model, prompt, **settings))
+    committed = [e.committed for e in generate_step(model, prompt, full_canvas=False, min_canvas_length=1, **settings)
+                 if e.committed is not None]
+    assert [len(c) for c in committed] == [CANVAS, 5]
+
+
 def test_full_canvas_off_changes_nothing_when_max_tokens_fills_whole_canvases(model):
     assert canvases(model, max_tokens=2 * CANVAS, full_canvas=False) == canvases(model, max_tokens=2 * CANVAS)
 
