@@ -74,6 +74,37 @@ def test_json_reports_thoughts_and_tool_calls_apart_from_the_answer():
     assert (plain["content"], plain["reasoning"], plain["tool_calls"]) == ("Just text.", "", [])
 
 
+@pytest.mark.parametrize("options, settings", [
+    (["--sampler", "confidence", "--threshold", "0.5"], dict(sampler="confidence", threshold=0.5)),
+    (["--self-conditioning-top-k", "4"], dict(self_conditioning_top_k=4)),
+    (["--cut-canvas", "--min-canvas-length", "1"], dict(full_canvas=False, min_canvas_length=1)),
+])
+def test_speed_options_are_the_python_settings_of_the_same_names(model_dir, options, settings):
+    from mlx_diffusiongemma import load
+    from mlx_diffusiongemma.chat import ChatSession
+
+    # 11 tokens: a whole canvas and 3 positions of the next, which --cut-canvas cuts.
+    run = ["generate", "Hello there", "-m", model_dir, "--json", "--max-tokens", "11", "--steps", "3", "--seed", "0"]
+    result = invoke([*run, *options])
+    assert result.exit_code == 0, result.output
+    model, tokenizer = load(model_dir)
+    session = ChatSession(model, tokenizer, max_tokens=11, max_denoising_steps=3, seed=0, **settings)
+    expected = "".join(r.text for r in session.reply("Hello there"))
+    assert json.loads(result.stdout)["text"] == expected
+    assert expected != json.loads(invoke(run).stdout)["text"]
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--sampler", "greedy"], "'greedy' is not one of entropy, confidence"),
+    (["--threshold", "1.5"], "not a probability in (0, 1]"),
+    (["--threshold", "nan"], "not a probability in (0, 1]"),
+    (["--min-canvas-length", "0"], "--min-canvas-length"),
+])
+def test_bad_speed_options_are_one_line_errors_before_loading(model_dir, options, words):
+    result = invoke(["generate", "Hi", "-m", "/nonexistent/model", *options])
+    assert_one_line_error(result, words)
+
+
 def test_stdin_and_prompt_file_accept_bytes_that_are_not_utf8(model_dir, tmp_path):
     assert generate(model_dir, "-", input=b"caf\xe9 \xff\xfe there\n").exit_code == 0
     prompt = tmp_path / "prompt.txt"

@@ -10,11 +10,11 @@ from ..chat import ChatSession, repair_text
 from ..errors import UserError
 from ..generate import format_stats
 from .app import app, deferred_interrupt, error, info
-from .options import FastOption, speed_settings
 from .generate import view_for
 from .options import (
-    AdapterPathOption, EntropyOption, MaxTokensOption, ModelOption, SeedOption, StepsOption, StopOption,
-    SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from,
+    AdapterPathOption, EntropyOption, FastOption, FullCanvasOption, MaxTokensOption, MinCanvasOption, ModelOption,
+    SamplerOption, SeedOption, StepsOption, StopOption, SystemOption, ThinkOption, ThresholdOption, TMaxOption,
+    TMinOption, TopKOption, session_for, settings_from, speed_settings,
 )
 
 CHAT_HELP = ("/image PATH · /think on|off · /system TEXT · /reset · /stats · /quit   "
@@ -154,6 +154,11 @@ def chat(
     entropy_bound: EntropyOption = None,
     seed: SeedOption = None,
     fast: FastOption = False,
+    sampler: SamplerOption = None,
+    threshold: ThresholdOption = None,
+    self_conditioning_top_k: TopKOption = None,
+    full_canvas: FullCanvasOption = None,
+    min_canvas_length: MinCanvasOption = None,
     system: SystemOption = None,
     think: ThinkOption = False,
     stop: StopOption = None,
@@ -167,7 +172,8 @@ def chat(
     Ctrl-C stops a reply and keeps the conversation; Ctrl-D leaves.
     Each turn encodes only what the encoder cache does not hold yet.
     """
-    settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) | speed_settings(fast)
+    settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) | speed_settings(
+        fast, sampler, threshold, self_conditioning_top_k, full_canvas, min_canvas_length)
     session = session_for(model, settings, system, think, stop, adapter_path=adapter_path, text_only=text_only)
     interactive = _prepare_stdin()
     info(CHAT_HELP)

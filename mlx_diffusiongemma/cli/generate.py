@@ -17,8 +17,9 @@ from ..tool_parsing import parse_output
 from ..ui.live import LiveView, PlainView
 from .app import EXIT_INTERRUPTED, app, deferred_interrupt
 from .options import (
-    AdapterPathOption, EntropyOption, FastOption, ImageOption, MaxTokensOption, ModelOption, SeedOption,
-    StepsOption, StopOption, SystemOption, ThinkOption, TMaxOption, TMinOption, session_for, settings_from, speed_settings,
+    AdapterPathOption, EntropyOption, FastOption, FullCanvasOption, ImageOption, MaxTokensOption, MinCanvasOption,
+    ModelOption, SamplerOption, SeedOption, StepsOption, StopOption, SystemOption, ThinkOption, ThresholdOption,
+    TMaxOption, TMinOption, TopKOption, session_for, settings_from, speed_settings,
 )
 
 
@@ -107,6 +108,11 @@ def generate(
     entropy_bound: EntropyOption = None,
     seed: SeedOption = None,
     fast: FastOption = False,
+    sampler: SamplerOption = None,
+    threshold: ThresholdOption = None,
+    self_conditioning_top_k: TopKOption = None,
+    full_canvas: FullCanvasOption = None,
+    min_canvas_length: MinCanvasOption = None,
     system: SystemOption = None,
     think: ThinkOption = False,
     stop: StopOption = None,
@@ -123,7 +129,8 @@ def generate(
     # Options are checked before the (slow) model load so a typo fails at once.
     text = _read_prompt(prompt, prompt_file)
     images = _read_images(image)
-    settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) | speed_settings(fast)
+    settings = settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) | speed_settings(
+        fast, sampler, threshold, self_conditioning_top_k, full_canvas, min_canvas_length)
     session = session_for(model, settings, system, think, stop, keep=0, adapter_path=adapter_path,
                           text_only=not images)
     collected: list[str] = []

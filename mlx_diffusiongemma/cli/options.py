@@ -7,7 +7,7 @@ import typer
 
 from ..chat import ChatSession
 from ..errors import UserError
-from ..generate import REFERENCE_DEFAULTS
+from ..generate import REFERENCE_DEFAULTS, SAMPLERS
 from ..weights.hub import DEFAULT_MODEL
 
 
@@ -16,6 +16,18 @@ def _positive(value: float | None) -> float | None:
     # click's float also takes "inf" and "nan", which no setting can use.
     if value is not None and not (math.isfinite(value) and value > 0):
         raise typer.BadParameter(f"{value} is not a finite number > 0.")
+    return value
+
+
+def _probability(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+        raise typer.BadParameter(f"{value} is not a probability in (0, 1].")
+    return value
+
+
+def _sampler(value: str | None) -> str | None:
+    if value is not None and value not in SAMPLERS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(SAMPLERS)}.")
     return value
 
 
@@ -72,11 +84,29 @@ ImageOption = Annotated[list[str] | None, typer.Option(
 FastOption = Annotated[bool, typer.Option(
     "--fast", help="Fast mode: at most 14 denoising steps, the temperature schedule compressed to them "
                    "(GenerationSettings.fast; benchmarks/README.md measures it).")]
+SamplerOption = Annotated[str | None, typer.Option(
+    callback=_sampler, help="entropy: the reference's entropy budget; confidence: reveal and hold a position once "
+    "its draw has probability >= --threshold (mlx-vlm's rule).", show_default="entropy")]
+ThresholdOption = Annotated[float | None, typer.Option(
+    callback=_probability, help="Probability a draw needs to be revealed by --sampler confidence.",
+    show_default="0.9")]
+TopKOption = Annotated[int | None, typer.Option(
+    min=0, help="Build self-conditioning from each position's k likeliest tokens (0: the whole vocabulary).",
+    show_default="0")]
+FullCanvasOption = Annotated[bool | None, typer.Option(
+    "--full-canvas/--cut-canvas", help="Write whole canvases (the reference) or cut the last one to what remains "
+    "of --max-tokens (mlx-vlm's rule; exactly --max-tokens written).", show_default="--full-canvas")]
+MinCanvasOption = Annotated[int | None, typer.Option(
+    min=1, help="With --cut-canvas, the fewest positions a cut canvas keeps.", show_default="64")]
 
 
-def speed_settings(fast: bool) -> dict:
-    """The `GenerationSettings` overrides --fast gives (none without it)."""
-    return dict(fast=True) if fast else {}
+def speed_settings(fast: bool, sampler: str | None = None, threshold: float | None = None,
+                   self_conditioning_top_k: int | None = None, full_canvas: bool | None = None,
+                   min_canvas_length: int | None = None) -> dict:
+    """The `GenerationSettings` overrides the speed options give (none when left out)."""
+    given = dict(sampler=sampler, threshold=threshold, self_conditioning_top_k=self_conditioning_top_k,
+                 full_canvas=full_canvas, min_canvas_length=min_canvas_length)
+    return {**(dict(fast=True) if fast else {}), **{k: v for k, v in given.items() if v is not None}}
 
 
 def settings_from(max_tokens, steps, t_min, t_max, entropy_bound, seed) -> dict:
