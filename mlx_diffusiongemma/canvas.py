@@ -87,6 +87,15 @@ def open_canvas(model, s, key: mx.array, pins: CanvasPins | None, shape: tuple[i
     return key, canvas, pinned, eos_bias(s.eos_token_ids, V, pins)
 
 
+def sampler_start(s, pins: CanvasPins | None, pinned: mx.array):
+    """The step's entropy budget and confidence threshold as arrays, and the confidence
+    sampler's revealed mask and held tokens before a canvas's first step (the pins)."""
+    # The confidence rule accepts by probability, so the entropy budget admits every draw.
+    bound = mx.array(math.inf if s.sampler == "confidence" else s.entropy_bound, dtype=mx.float32)
+    held = mx.zeros(pinned.shape, dtype=mx.int32) if pins is None else pins.tokens
+    return bound, mx.array(s.threshold, dtype=mx.float32), pinned, held
+
+
 def hold_revealed(accepted: mx.array, draws: mx.array, argmax: mx.array, revealed: mx.array, held: mx.array,
                   vocab_size: int, key: mx.array):
     """The confidence sampler's bookkeeping after a step: the newly `accepted` draws are

@@ -20,11 +20,14 @@ import mlx.core as mx
 
 from .canvas import (
     CanvasPins, StepEvent, canvas_lengths, context_needed, fully_pinned_event, hold_revealed, open_canvas,
+    sampler_start,
 )
 from .errors import UserError
 from .models.cache import cache_length
 from .models.sharding import broadcast
-from .sample import free_mean, pad_after_eos, pin, reveal_by_confidence, rows_stable, sampler_step, temperature
+from .sample import (
+    free_mean, pad_after_eos, pin, reveal_by_confidence, reveal_confident, rows_stable, sampler_step, temperature,
+)
 from .sharded_sample import sharded_sampler_step
 from .steps import denoise_canvas
 
@@ -476,10 +479,7 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
     sampler = sampler_step if shard is None else partial(sharded_sampler_step, vocab=shard)
     bias = bias if bias is None or shard is None else shard.local(bias)
     confident = s.sampler == "confidence"
-    # The confidence rule accepts by probability, so the entropy budget admits every draw.
-    bound = mx.array(math.inf if confident else s.entropy_bound, dtype=mx.float32)
-    threshold = mx.array(s.threshold, dtype=mx.float32)
-    revealed, held = pinned, (mx.zeros(shape, dtype=mx.int32) if pins is None else pins.tokens)
+    bound, threshold, revealed, held = sampler_start(s, pins, pinned)
     scaled, probs, history = None, None, []
     final, done, steps = None, mx.zeros((B,), dtype=mx.bool_), [0] * B
     for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):
@@ -493,9 +493,8 @@ def _denoise_canvas(model, cache: list, s: GenerationSettings, index: int, key: 
         scaled, probs, argmax, canvas, accepted, entropy = sampler(logits, inv_t, bound, keys, pinned)
         if confident:
             last = mx.array(cur_step == 1)
-            confidence = (mx.take_along_axis(probs, canvas[..., None], axis=-1)[..., 0] if shard is None
-                          else shard.values_at(probs, canvas))
-            accepted = reveal_by_confidence(confidence, revealed, threshold, last)
+            accepted = (reveal_confident(probs, canvas, revealed, threshold, last) if shard is None
+                        else reveal_by_confidence(shard.values_at(probs, canvas), revealed, threshold, last))
             held, revealed, canvas, argmax = hold_revealed(accepted, canvas, argmax, revealed, held,
                                                            model.args.vocab_size, keys[1])
         canvas, argmax = pin(canvas, pins), pin(argmax, pins)

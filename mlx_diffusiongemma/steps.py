@@ -18,11 +18,9 @@ are renoised; the canvas stops once all are revealed (or on the usual stop test)
 last step reveals whatever is left.
 """
 
-import math
-
 import mlx.core as mx
 
-from .canvas import StepEvent, fully_pinned_event, hold_revealed, open_canvas
+from .canvas import StepEvent, fully_pinned_event, hold_revealed, open_canvas, sampler_start
 from .sample import capped_sampler_step, free_mean, pin, reveal_confident, rows_stable, temperature
 
 
@@ -32,7 +30,7 @@ def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, shape
     stop test; the last event's `argmax` holds each row's canvas as it stood when that row
     stopped. Returns the key chain's next key, the last event and the step at which each
     row stopped."""
-    (B, L), V = shape, model.args.vocab_size
+    B, V = shape[0], model.args.vocab_size
     key, canvas, pinned, bias = open_canvas(model, s, key, pins, shape)
     if (event := fully_pinned_event(index, pins, B, prompt_seconds)) is not None:
         yield event
@@ -40,10 +38,7 @@ def denoise_canvas(model, cache: list, s, index: int, key: mx.array, pins, shape
     bias = mx.array(0.0, dtype=mx.float32) if bias is None else bias
     cap = mx.array(model.args.final_logit_softcapping, dtype=mx.float32)
     confident = s.sampler == "confidence"
-    # The confidence rule accepts by probability, so the entropy budget admits every draw.
-    bound = mx.array(math.inf if confident else s.entropy_bound, dtype=mx.float32)
-    threshold = mx.array(s.threshold, dtype=mx.float32)
-    revealed, held = pinned, (mx.zeros((B, L), dtype=mx.int32) if pins is None else pins.tokens)
+    bound, threshold, revealed, held = sampler_start(s, pins, pinned)
     scaled, probs, history = None, None, []
     final, done, steps = None, mx.zeros((B,), dtype=mx.bool_), [0] * B
     for n, cur_step in enumerate(range(s.max_denoising_steps, 0, -1), start=1):

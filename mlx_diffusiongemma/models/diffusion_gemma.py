@@ -255,9 +255,8 @@ def top_k_soft_embed(decoder, logits: mx.array, probs: mx.array | None, k: int, 
     if vocab is None:
         rows = decoder.embed_tokens(idx).astype(dtype)
         return (weights[..., None] * rows).sum(axis=-2) * mx.array(decoder.embed_scale, dtype=dtype)
-    local = idx - vocab.start
-    inside = (local >= 0) & (local < vocab.stop - vocab.start)
-    rows = decoder.embed_tokens(mx.where(inside, local, 0)).astype(dtype) * inside[..., None].astype(dtype)
+    local, inside = vocab.localize(idx)
+    rows = decoder.embed_tokens(local).astype(dtype) * inside[..., None].astype(dtype)
     signal = all_sum((weights[..., None] * rows).sum(axis=-2), vocab.group)
     return signal * mx.array(decoder.embed_scale, dtype=dtype)
 

@@ -130,12 +130,17 @@ class VocabShard:
         pick = mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k]
         return mx.take_along_axis(values, pick, axis=-1), mx.take_along_axis(ids, pick, axis=-1)
 
+    def localize(self, ids: mx.array) -> tuple[mx.array, mx.array]:
+        """`ids` as indices into this rank's slice (0 where outside it) and whether each is inside."""
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.stop - self.start)
+        return mx.where(inside, local, 0), inside
+
     def values_at(self, x: mx.array, ids: mx.array) -> mx.array:
         """x[..., ids] of a whole-vocabulary `x` (x's shape but the last axis) from this
         rank's slice: the rank that holds an id gives its value to an all-sum, the others 0."""
-        local = ids - self.start
-        inside = (local >= 0) & (local < self.stop - self.start)
-        picked = mx.take_along_axis(x, mx.where(inside, local, 0)[..., None], axis=-1)[..., 0]
+        local, inside = self.localize(ids)
+        picked = mx.take_along_axis(x, local[..., None], axis=-1)[..., 0]
         return all_sum(mx.where(inside, picked, 0.0), self.group)
 
     def log_probs_of(self, x: mx.array, ids: mx.array) -> mx.array:
@@ -147,9 +152,8 @@ class VocabShard:
     def embed(self, table: nn.Module, ids: mx.array) -> mx.array:
         """Embedding rows of `ids`: each rank looks up the ids it holds, zeros elsewhere,
         and the all-sum adds exactly one non-zero row per id (so it is exact)."""
-        local = ids - self.start
-        inside = (local >= 0) & (local < self.stop - self.start)
-        rows = table(mx.where(inside, local, 0))
+        local, inside = self.localize(ids)
+        rows = table(local)
         return all_sum(rows * inside[..., None].astype(rows.dtype), self.group)
 
     def local(self, x: mx.array) -> mx.array:
