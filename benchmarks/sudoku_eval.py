@@ -51,11 +51,11 @@ def puzzles(blanks: int, n: int, tuning: bool = False) -> list[tuple[str, str]]:
     return sudoku.make_dataset((TUNING_SEED if tuning else EVAL_SEED) + blanks, n, blanks)
 
 
-# The sampler settings --set may override, with the type each takes.
 def _flag(value: str) -> bool:
     return {"true": True, "false": False}[value.lower()]
 
 
+# The sampler settings --set may override, with the type each takes.
 SETTABLE = {**{k: type(v) for k, v in REFERENCE_DEFAULTS.items()},
             "sampler": str, "threshold": float, "self_conditioning_top_k": int,
             "fast": _flag, "full_canvas": _flag, "min_canvas_length": int}
@@ -205,7 +205,7 @@ def score(r: dict, puzzle: str, solution: str, rows: int) -> None:
         r["solved"] = sudoku.is_solved(r["answer"], puzzle)
         r["cell_accuracy"] = sudoku.cell_accuracy(r["answer"], solution, puzzle)
         return
-    r["answer"] = first_rows(r.pop("text", ""), rows)
+    r["answer"] = first_rows(r.get("text", ""), rows)
     blanks = [i for i in range(9 * rows) if puzzle[i] not in sudoku.DIGITS]
     r["solved"] = r["answer"] == solution[: 9 * rows]
     right = sum(r["answer"] is not None and r["answer"][i] == solution[i] for i in blanks)

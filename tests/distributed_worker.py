@@ -32,9 +32,9 @@ def gather_vocab(logits: mx.array, vocab) -> mx.array:
     return full
 
 
-# The speed levers a sharded model takes beside the reference sampler.
-CONFIDENT = dict(sampler="confidence", threshold=0.9999)
+# The speed levers a sharded model takes beside the reference sampler, by name.
 TOP_K = 5
+LEVERS = {"confident": dict(sampler="confidence", threshold=0.9999), "topk": dict(self_conditioning_top_k=TOP_K)}
 
 
 def canvas_logits(model, prompts, canvases, self_conditioned: bool, top_k: int | None = None) -> mx.array:
@@ -89,7 +89,7 @@ def run(job: dict, out: Path, rank: int) -> dict:
         if rank == 0:
             np.save(out / f"{name}_logits_topk.npy", np.array(logits))
         result[f"{name}_tokens"] = [committed(model, p, c, job["settings"]) for p, c in zip(job["prompts"], job["canvases"])]
-        for lever, settings in (("confident", CONFIDENT), ("topk", dict(self_conditioning_top_k=TOP_K))):
+        for lever, settings in LEVERS.items():
             result[f"{name}_{lever}_tokens"] = [committed(model, p, c, {**job["settings"], **settings})
                                                 for p, c in zip(job["prompts"], job["canvases"])]
         # Two canvases' worth of tokens: the second block reads the first from the cache.

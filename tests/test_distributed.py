@@ -17,11 +17,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffusiongemma import generate_step, load_model
+from mlx_diffusiongemma import load_model
 from mlx_diffusiongemma.convert import convert
 from mlx_diffusiongemma.infill import surprises
 from mlx_diffusiongemma.sample import sampler_step
-from distributed_worker import CONFIDENT, TOP_K, committed
+from distributed_worker import LEVERS, TOP_K, committed
 from reference import make_reference, relative_error
 from server_fixtures import launch_command
 
@@ -71,8 +71,8 @@ def checkpoints(tmp_path_factory):
 def single_process(path, prompts, canvases) -> dict:
     """What the unsharded model computes on the job's inputs."""
     model = load_model(path)
-    out = {"logits": [], "logits_sc": [], "logits_topk": [], "tokens": [], "confident_tokens": [],
-           "topk_tokens": [], "surprises": []}
+    out = {"logits": [], "logits_sc": [], "logits_topk": [], "tokens": [], "surprises": [],
+           **{f"{lever}_tokens": [] for lever in LEVERS}}
     for prompt, canvas in zip(prompts, canvases):
         cache = model.make_cache()
         model.encode(mx.array([prompt]), cache)
@@ -81,12 +81,9 @@ def single_process(path, prompts, canvases) -> dict:
         out["logits_sc"].append(np.array(model.denoise(mx.array([canvas]), cache, logits * 1.25)[0]))
         out["logits_topk"].append(np.array(model.denoise(mx.array([canvas]), cache, logits * 1.25,
                                                          self_conditioning_top_k=TOP_K)[0]))
-        tokens = []
-        for event in generate_step(model, prompt, initial_canvas=canvas, seed=0, **DETERMINISTIC):
-            tokens += event.committed or []
-        out["tokens"].append(tokens)
-        out["confident_tokens"].append(committed(model, prompt, canvas, {**DETERMINISTIC, **CONFIDENT}))
-        out["topk_tokens"].append(committed(model, prompt, canvas, {**DETERMINISTIC, "self_conditioning_top_k": TOP_K}))
+        out["tokens"].append(committed(model, prompt, canvas, DETERMINISTIC))
+        for lever, settings in LEVERS.items():
+            out[f"{lever}_tokens"].append(committed(model, prompt, canvas, {**DETERMINISTIC, **settings}))
         out["surprises"].append(surprises(model, prompt, canvas + canvas[::-1]))
     return {k: v if k.endswith("tokens") else np.stack(v) for k, v in out.items()}
 
